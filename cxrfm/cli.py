@@ -1,0 +1,123 @@
+"""`cxrfm` command line. Heavy imports happen inside each command so `--help` stays instant."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+
+from cxrfm.config import ConfigError, load_config, with_overrides
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", default=None, help="job YAML (default: jobs/tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from cxrfm.train.trainer import load_run_config, summary, train
+
+    cfg = load_config(args.config, args.overrides)
+    if args.resume:
+        saved = load_run_config(cfg.train.output_dir, args.resume)
+        # The run's saved config; command-line overrides (e.g. a higher max_steps) apply on top.
+        cfg = with_overrides(saved.dump(), args.overrides)
+    result = train(cfg, resume=args.resume, show_progress=not args.no_progress)
+    print(summary(result))
+    return 0
+
+
+def cmd_data_build(args: argparse.Namespace) -> int:
+    from cxrfm.data.build import build
+
+    cfg = load_config(args.config, args.overrides)
+    data = cfg.data.model_copy(update={"source": args.source} if args.source else {})
+    manifest = build(data, args.out or data.shards)
+    for split, info in manifest["splits"].items():
+        print(f"{split:<6} {info['studies']:>6} studies {info['patients']:>6} patients  tasks {info['tasks']}")
+    print(f"{len(manifest['shards'])} shards + manifest.json + tokenizer/ in {args.out or data.shards}")
+    return 0
+
+
+def cmd_data_verify(args: argparse.Namespace) -> int:
+    from cxrfm.data.shards import verify_shards
+
+    report = verify_shards(args.dir)
+    for p in report.problems:
+        print(f"{p['shard']}\t{p['key']}\t{p['problem']}")
+    print(f"{report.samples_ok} samples ok, {len(report.problems)} problem(s)")
+    return 0 if report.ok else 1
+
+
+def cmd_model_summary(args: argparse.Namespace) -> int:
+    from cxrfm.model.summary import format_summary, summarize
+
+    cfg = load_config(args.config, args.overrides)
+    counts = summarize(cfg)
+    print(json.dumps(counts) if args.json else format_summary(counts))
+    return 0
+
+
+def _optional(parser_factory: str, sub) -> None:
+    """Register a command group that lives in its own module (jobs, plan, bench)."""
+    module, func = parser_factory.rsplit(":", 1)
+    try:
+        mod = importlib.import_module(module)
+    except ImportError:
+        return
+    getattr(mod, func)(sub)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxrfm", description="Train and serve a multitask chest X-ray foundation model.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("train", help="train on Ray Train + DeepSpeed (default: the tiny CPU job)")
+    _add_config_args(p)
+    p.add_argument("--resume", metavar="RUN", help="continue a finished or stopped run from its latest checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no live progress bar (logs only)")
+    p.set_defaults(func=cmd_train)
+
+    data = sub.add_parser("data", help="build and verify WebDataset shards").add_subparsers(dest="data_cmd", required=True)
+    p = data.add_parser("build", help="convert a source into shards + manifest + tokenizer")
+    _add_config_args(p)
+    p.add_argument("--source", choices=["synthetic"], default=None)
+    p.add_argument("--out", default=None, help="output directory (default: data.shards)")
+    p.set_defaults(func=cmd_data_build)
+    p = data.add_parser("verify", help="decode every sample; report corrupt or missing ones by shard and key")
+    p.add_argument("dir")
+    p.set_defaults(func=cmd_data_verify)
+
+    model = sub.add_parser("model", help="inspect a model config").add_subparsers(dest="model_cmd", required=True)
+    p = model.add_parser("summary", help="parameters per component, built on the meta device")
+    _add_config_args(p)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_model_summary)
+
+    _optional("cxrfm.jobs:add_jobs_parser", sub)
+    _optional("cxrfm.plan:add_plan_parser", sub)
+    _optional("cxrfm.bench:add_bench_parser", sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cxrfm.data.shards import ShardError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, ShardError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; checkpoints written so far are kept (resume with --resume RUN)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,241 @@
+"""One typed config tree for every part of cxrfm.
+
+Each component reads its own small section (data, model.vision, model.projector, model.language,
+train, deepspeed, tracking, job). A YAML file in `jobs/` fills it; `--set a.b=c` overrides any leaf.
+Unknown keys and bad values fail here, before any work starts, naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from cxrfm.data.schema import TASKS
+
+
+class ConfigError(ValueError):
+    """A config the user wrote is wrong; the message says which key and what to do."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Section):
+    source: Literal["synthetic"] = "synthetic"
+    root: str | None = None  # raw data root for real sources
+    shards: str = "runs/tiny/shards"  # where shards are written / read
+    num_studies: int = Field(600, ge=1)
+    image_size: int = Field(128, ge=32, description="stored image side in pixels")
+    shard_size: int = Field(100, ge=1, description="studies per shard")
+    seed: int = 0
+    max_seq_len: int = Field(192, ge=16, description="tokens per sample, prompt + answer")
+    # How often each task is drawn for a study. Tasks the data cannot serve are skipped and counted.
+    tasks: dict[str, float] = Field(default_factory=lambda: {"report": 0.5, "vqa": 0.3, "grounding": 0.2})
+    verify_shards: bool = Field(True, description="check shard sha256 against the manifest before training")
+    vocab_size: int = Field(2000, ge=300, description="BPE vocabulary before special/location tokens")
+
+    @model_validator(mode="after")
+    def _known_tasks(self) -> "DataConfig":
+        bad = set(self.tasks) - set(TASKS)
+        if bad:
+            raise ValueError(f"unknown task(s) {sorted(bad)} in data.tasks; allowed: {list(TASKS)}")
+        if not self.tasks or any(w < 0 for w in self.tasks.values()) or sum(self.tasks.values()) <= 0:
+            raise ValueError("data.tasks needs at least one task with a positive weight")
+        return self
+
+
+class VisionConfig(_Section):
+    image_size: int = Field(64, ge=16)
+    patch_size: int = Field(8, ge=1)
+    channels: int = 1
+    hidden_size: int = Field(96, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(2, ge=1)
+    intermediate_size: int = Field(256, ge=8)
+
+    @model_validator(mode="after")
+    def _divisible(self) -> "VisionConfig":
+        if self.image_size % self.patch_size:
+            raise ValueError(f"model.vision.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
+        if self.hidden_size % self.num_heads:
+            raise ValueError("model.vision.hidden_size must be a multiple of model.vision.num_heads")
+        return self
+
+
+class ProjectorConfig(_Section):
+    num_tokens: int = Field(16, ge=1, description="visual tokens per image fed to the LM")
+    hidden_size: int = Field(256, ge=8)
+
+
+class LanguageConfig(_Section):
+    vocab_size: int | None = Field(None, description="set from the tokenizer when None")
+    hidden_size: int = Field(128, ge=8)
+    intermediate_size: int = Field(344, ge=8)
+    num_layers: int = Field(2, ge=1)
+    num_heads: int = Field(4, ge=1)
+    num_kv_heads: int = Field(2, ge=1)
+    max_position_embeddings: int = Field(512, ge=16)
+    rope_theta: float = 10000.0
+    tie_word_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _heads(self) -> "LanguageConfig":
+        if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
+            raise ValueError("model.language: hidden_size % num_heads and num_heads % num_kv_heads must be 0")
+        return self
+
+
+class ModelConfig(_Section):
+    vision: VisionConfig = Field(default_factory=VisionConfig)
+    projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
+    language: LanguageConfig = Field(default_factory=LanguageConfig)
+    attention: Literal["auto", "sdpa", "eager", "triton", "flash_attn", "xformers"] = "sdpa"
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(300, ge=1)
+    micro_batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(20, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    clip_grad: float = Field(1.0, ge=0)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    activation_checkpointing: bool = False
+    num_workers: int = Field(2, ge=1)
+    cpus_per_worker: float = Field(0.5, gt=0)
+    use_gpu: bool = False
+    seed: int = 0
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=1)
+    keep_last: int = Field(2, ge=1)
+    max_failures: int = Field(2, ge=0)
+    output_dir: str = "runs/tiny"
+
+
+class DeepSpeedConfig(_Section):
+    stage: Literal[1, 2, 3] = 2
+    offload_optimizer: Literal["none", "cpu", "nvme"] = "none"
+    offload_param: Literal["none", "cpu", "nvme"] = "none"
+    nvme_path: str | None = None
+    overlap_comm: bool = False
+    contiguous_gradients: bool = True
+    reduce_bucket_size: int = Field(50_000_000, ge=1)
+
+
+class TrackingConfig(_Section):
+    # None: a SQLite store inside train.output_dir (mlflow.db)
+    mlflow_uri: str | None = None
+    experiment: str = "cxrfm"
+    run_name: str | None = None
+
+
+class JobConfig(_Section):
+    """What a job needs from a cluster beyond the training config (used by `cxrfm jobs`)."""
+
+    name: str = "cxrfm-tiny"
+    entrypoint: str = "cxrfm train"
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    num_nodes: int = Field(1, ge=1)
+    gpu_type: str | None = None
+
+
+class Config(_Section):
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    job: JobConfig = Field(default_factory=JobConfig)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Config":
+        ds = self.deepspeed
+        if ds.stage != 3 and ds.offload_param != "none":
+            raise ValueError("deepspeed.offload_param needs deepspeed.stage=3; set stage 3 or offload_param none")
+        if "nvme" in (ds.offload_optimizer, ds.offload_param) and not ds.nvme_path:
+            raise ValueError("NVMe offload needs deepspeed.nvme_path (a fast local disk directory)")
+        if ds.stage == 3 and self.model.language.tie_word_embeddings and ds.offload_param == "nvme":
+            raise ValueError("ZeRO-3 NVMe parameter offload does not support tied embeddings; set model.language.tie_word_embeddings=false")
+        if not self.train.use_gpu and (ds.offload_optimizer, ds.offload_param) != ("none", "none"):
+            raise ValueError("deepspeed offload needs train.use_gpu=true (on CPU the states already live in host memory); set deepspeed.offload_optimizer=none and deepspeed.offload_param=none")
+        p = self.model.projector.num_tokens
+        if int(p ** 0.5) ** 2 != p:
+            raise ValueError(f"model.projector.num_tokens ({p}) must be a square number (the projector pools to a square grid)")
+        need = 2 + 3 * (p + 1) + 16
+        if self.data.max_seq_len < need:
+            raise ValueError(f"data.max_seq_len ({self.data.max_seq_len}) is too short for 3 images of {p} visual tokens; use at least {need}")
+        if self.train.precision == "fp16" and not self.train.use_gpu:
+            raise ValueError("train.precision=fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16 on CPU")
+        return self
+
+    def dump(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+DEFAULT_JOB = Path(__file__).resolve().parent.parent / "jobs" / "tiny.yaml"
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE, e.g. --set train.max_steps=100")
+    key, raw = item.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(raw)
+
+
+def _apply(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: {part!r} is not a section")
+    node[path[-1]] = value
+
+
+def _explain(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        key = ".".join(str(p) for p in e["loc"]) or "(config)"
+        if e["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}': remove it or check the spelling")
+        elif e["type"] == "literal_error":
+            lines.append(f"config key '{key}' = {e['input']!r} is not allowed; {e['msg'].lower()}")
+        elif isinstance(e.get("input"), dict):  # a cross-field rule: its message names the keys
+            lines.append(e["msg"].removeprefix("Value error, "))
+        else:
+            lines.append(f"config key '{key}': {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n  " + "\n  ".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a job YAML (default: jobs/tiny.yaml), apply `a.b=c` overrides, validate."""
+    path = Path(path) if path else DEFAULT_JOB
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found; pass a YAML from jobs/, e.g. jobs/tiny.yaml")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections (data, model, train, ...)")
+    try:
+        return with_overrides(tree, overrides)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
+
+
+def with_overrides(tree: dict[str, Any], overrides: list[str] | None) -> Config:
+    """Apply `a.b=c` overrides (values parsed as YAML) to a config tree and validate it."""
+    for item in overrides or []:
+        keys, value = _parse_override(item)
+        _apply(tree, keys, value)
+    return config_from_dict(tree)
+
+
+def config_from_dict(tree: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as err:
+        raise ConfigError(_explain(err)) from None

@@ -1,0 +1,130 @@
+"""From one Study to one training example of one task: token ids, loss labels, images.
+
+Sequence layout (one row, padded to `max_seq_len`):
+
+    <bos> <frontal> <image>*N [<lateral> <image>*N] [<prior> <image>*N] <task_x> prompt  | answer <eos> <pad>...
+    labels: -100 .................................................................... | answer <eos>  -100...
+
+Images appear in the fixed role order frontal, lateral, prior; the model fills the `<image>`
+positions with visual tokens in exactly that order (row-major over the batch).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+from cxrfm.data.schema import Study
+from cxrfm.text.tokenizer import BOS, EOS, IMAGE, PAD, ROLE_TOKENS, TASK_TOKENS, box_to_loc_tokens
+
+ROLES: tuple[str, ...] = ("frontal", "lateral", "prior")
+LM_TASKS: tuple[str, ...] = ("report", "vqa", "grounding")
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    max_seq_len: int
+    image_size: int  # side the vision encoder takes
+    num_image_tokens: int  # visual tokens per image
+    augment: bool = False
+
+
+def available_tasks(study: Study) -> list[str]:
+    tasks = []
+    if study.report:
+        tasks.append("report")
+    if study.vqa:
+        tasks.append("vqa")
+    if study.grounding and study.image("frontal") is not None:
+        tasks.append("grounding")
+    return tasks
+
+
+def choose_task(study: Study, weights: dict[str, float], rng: np.random.Generator) -> tuple[str | None, bool]:
+    """Draw a task from the mixture among those this study can serve. Returns (task, fell_back)."""
+    wanted = [t for t in LM_TASKS if weights.get(t, 0) > 0]
+    p = np.array([weights[t] for t in wanted], dtype=np.float64)
+    first = wanted[rng.choice(len(wanted), p=p / p.sum())]
+    can = [t for t in wanted if t in available_tasks(study)]
+    if first in can:
+        return first, False
+    if not can:
+        return None, True
+    p = np.array([weights[t] for t in can], dtype=np.float64)
+    return can[rng.choice(len(can), p=p / p.sum())], True
+
+
+def prompt_and_answer(study: Study, task: str, rng: np.random.Generator) -> tuple[str, str]:
+    if task == "report":
+        prompt = f"indication: {study.indication}" if study.indication else "indication: none given"
+        if study.image("prior") is not None:
+            prompt += " comparison: prior study provided"
+        return prompt, study.report
+    if task == "vqa":
+        qa = study.vqa[rng.integers(len(study.vqa))]
+        return qa.question, qa.answer
+    if task == "grounding":
+        gp = study.grounding[rng.integers(len(study.grounding))]
+        ref = study.image(gp.image_role)
+        locs = "".join(box_to_loc_tokens((b.x1, b.y1, b.x2, b.y2), ref.width, ref.height) for b in gp.boxes)
+        return gp.phrase, locs
+    raise ValueError(f"task {task!r} is not a language-model task; allowed: {list(LM_TASKS)}")
+
+
+def decode_image(data: bytes, size: int) -> np.ndarray:
+    """PNG/JPEG bytes -> (size, size) uint8 grayscale. Raises on corrupt data."""
+    with Image.open(io.BytesIO(data)) as im:
+        im = im.convert("L")
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
+        return np.asarray(im, dtype=np.uint8)
+
+
+def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Photometric jitter only: flips or crops would break laterality words and box targets."""
+    x = image.astype(np.float32) / 255.0
+    x = x ** rng.uniform(0.8, 1.25)  # exposure / gamma
+    x = (x - 0.5) * rng.uniform(0.85, 1.15) + 0.5 + rng.uniform(-0.05, 0.05)
+    x += rng.normal(0, 0.01, x.shape).astype(np.float32)
+    return (np.clip(x, 0, 1) * 255).astype(np.uint8)
+
+
+def encode_example(study: Study, task: str, images: dict[str, np.ndarray], tokenizer, spec: SampleSpec,
+                   rng: np.random.Generator) -> tuple[dict[str, np.ndarray], bool]:
+    """Token ids, labels and the (3, S, S) image stack for one example. Returns (example, truncated)."""
+    prompt, answer = prompt_and_answer(study, task, rng)
+    vocab = tokenizer.get_vocab()
+    head = [vocab[BOS]]
+    present = np.zeros(len(ROLES), dtype=bool)
+    stack = np.zeros((len(ROLES), spec.image_size, spec.image_size), dtype=np.uint8)
+    for i, role in enumerate(ROLES):
+        if role in images:
+            present[i] = True
+            stack[i] = augment(images[role], rng) if spec.augment else images[role]
+            head += [vocab[ROLE_TOKENS[role]]] + [vocab[IMAGE]] * spec.num_image_tokens
+    head += [vocab[TASK_TOKENS[task]]]
+    prompt_ids = head + tokenizer.encode(prompt, add_special_tokens=False)
+    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [vocab[EOS]]
+
+    # Keep every image token and the answer's start; cut the prompt text first, then the answer's tail.
+    budget = spec.max_seq_len
+    truncated = len(prompt_ids) + len(answer_ids) > budget
+    if truncated:
+        room_prompt = max(len(head), budget - len(answer_ids))
+        prompt_ids = prompt_ids[:room_prompt]
+        answer_ids = answer_ids[: budget - len(prompt_ids)]
+    ids = prompt_ids + answer_ids
+    labels = [IGNORE] * len(prompt_ids) + answer_ids
+    pad = budget - len(ids)
+    example = {
+        "input_ids": np.array(ids + [vocab[PAD]] * pad, dtype=np.int64),
+        "labels": np.array(labels + [IGNORE] * pad, dtype=np.int64),
+        "attention_mask": np.array([1] * len(ids) + [0] * pad, dtype=np.int64),
+        "images": stack,
+        "image_present": present,
+    }
+    return example, truncated

@@ -1,0 +1,192 @@
+"""WebDataset shards + manifest.json: write, verify.
+
+Layout of a shard directory:
+    train-000000.tar ...  val-000000.tar ...  test-000000.tar ...
+    manifest.json         schema version, counts per split and task, sha256 + samples per shard
+    tokenizer/            the BPE tokenizer trained on this directory's training reports
+
+One sample per study, key = study_id, members: `json` (the Study) and one PNG per image role
+(`frontal.png`, `lateral.png`, `prior.png`). Keys are written sorted within each shard: Ray Data's
+webdataset reader groups members by consecutive key (ray-project/ray#44068).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import tarfile
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from cxrfm.data.schema import SCHEMA_VERSION, Study
+
+MANIFEST = "manifest.json"
+SPLITS = ("train", "val", "test")
+
+
+class ShardError(RuntimeError):
+    """A shard directory cannot be used; the message says what to do."""
+
+
+def encode_png(image: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def task_counts(study: Study) -> Counter:
+    """How many training examples of each task one study can give."""
+    c: Counter = Counter()
+    if study.report:
+        c["report"] += 1
+        c["generate"] += 1  # text-to-image trains on the same report/image pairs
+    c["vqa"] += len(study.vqa)
+    c["grounding"] += len(study.grounding)
+    return c
+
+
+def write_shards(studies: Iterable[tuple[Study, dict[str, np.ndarray]]], out: Path, shard_size: int, source: str) -> dict:
+    """Write studies to per-split shards under `out`; returns the manifest (also saved)."""
+    out.mkdir(parents=True, exist_ok=True)
+    by_split: dict[str, list[tuple[Study, dict[str, np.ndarray]]]] = defaultdict(list)
+    for study, images in studies:
+        by_split[study.split].append((study, images))
+
+    shards, splits = [], {}
+    for split in SPLITS:
+        items = sorted(by_split.get(split, []), key=lambda it: it[0].study_id)
+        counts: Counter = Counter()
+        for start in range(0, len(items), shard_size):
+            name = f"{split}-{start // shard_size:06d}.tar"
+            chunk = items[start : start + shard_size]
+            with wds.TarWriter(str(out / name)) as sink:
+                for study, images in chunk:
+                    sample = {"__key__": study.study_id, "json": study.model_dump_json().encode()}
+                    for ref in study.images:
+                        sample[ref.key] = encode_png(images[ref.role])
+                    sink.write(sample)
+                    counts.update(task_counts(study))
+            shards.append({"path": name, "split": split, "samples": len(chunk), "sha256": sha256_file(out / name)})
+        splits[split] = {"studies": len(items), "patients": len({s.patient_id for s, _ in items}), "tasks": dict(counts)}
+
+    manifest = {"schema_version": SCHEMA_VERSION, "sources": [source], "splits": splits, "shards": shards}
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+    return manifest
+
+
+def load_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    if not root.is_dir():
+        raise ShardError(f"shard directory {root} does not exist; build it with: cxrfm data build --out {root}")
+    path = root / MANIFEST
+    if not path.is_file():
+        raise ShardError(f"{root} has no {MANIFEST}; rebuild it with: cxrfm data build --out {root}")
+    manifest = json.loads(path.read_text())
+    if manifest.get("schema_version") != SCHEMA_VERSION:
+        raise ShardError(f"{path}: schema version {manifest.get('schema_version')} != {SCHEMA_VERSION}; rebuild the shards")
+    if not manifest.get("shards"):
+        raise ShardError(f"{path} lists no shards (empty dataset); rebuild with more studies")
+    return manifest
+
+
+def shard_paths(root: str | Path, split: str, verify: bool = True) -> tuple[list[str], dict[str, int]]:
+    """Shards of one split to read, and what was excluded: {"missing_shard": n_samples, ...}.
+
+    With `verify`, a shard whose sha256 differs from the manifest is left out and its samples counted
+    as skipped, so a damaged file never stops a run half-way and is never silently used.
+    """
+    root = Path(root)
+    manifest = load_manifest(root)
+    paths, skipped = [], Counter()
+    for sh in manifest["shards"]:
+        if sh["split"] != split:
+            continue
+        p = root / sh["path"]
+        if not p.is_file():
+            skipped["missing_shard"] += sh["samples"]
+        elif verify and sha256_file(p) != sh["sha256"]:
+            skipped["checksum_mismatch"] += sh["samples"]
+        else:
+            paths.append(str(p))
+    if not paths:
+        raise ShardError(f"{root}: no readable {split!r} shards (skipped: {dict(skipped)}); run: cxrfm data verify {root}")
+    return paths, dict(skipped)
+
+
+@dataclass
+class VerifyReport:
+    samples_ok: int = 0
+    problems: list[dict] = field(default_factory=list)  # {"shard", "key", "problem"}
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def _check_sample(key: str, members: dict[str, bytes]) -> list[str]:
+    problems = []
+    if "json" not in members:
+        return ["missing json member"]
+    try:
+        study = Study.model_validate_json(members["json"])
+    except Exception as e:  # noqa: BLE001 - any decode failure is a reported problem, not a crash
+        return [f"bad json: {str(e).splitlines()[0]}"]
+    if study.study_id != key:
+        problems.append(f"json study_id {study.study_id!r} != key")
+    for ref in study.images:
+        if ref.key not in members:
+            problems.append(f"missing image {ref.key}")
+            continue
+        try:
+            with Image.open(io.BytesIO(members[ref.key])) as im:
+                im.load()
+        except Exception as e:  # noqa: BLE001
+            problems.append(f"corrupt image {ref.key}: {e}")
+    return problems
+
+
+def verify_shards(root: str | Path) -> VerifyReport:
+    """Decode every sample of every shard in the manifest; report problems by shard and key."""
+    root = Path(root)
+    manifest = load_manifest(root)
+    report = VerifyReport()
+    for sh in manifest["shards"]:
+        path = root / sh["path"]
+        if not path.is_file():
+            report.problems.append({"shard": sh["path"], "key": "*", "problem": "shard file missing"})
+            continue
+        if sha256_file(path) != sh["sha256"]:
+            report.problems.append({"shard": sh["path"], "key": "*", "problem": "sha256 differs from manifest"})
+        samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+        try:
+            with tarfile.open(path) as tar:
+                for member in tar:
+                    if not member.isfile():
+                        continue
+                    key, _, ext = member.name.partition(".")
+                    samples[key][ext] = tar.extractfile(member).read()
+        except (tarfile.TarError, OSError, EOFError) as e:
+            report.problems.append({"shard": sh["path"], "key": "*", "problem": f"unreadable tar: {e}"})
+        for key, members in samples.items():
+            found = _check_sample(key, members)
+            report.problems += [{"shard": sh["path"], "key": key, "problem": p} for p in found]
+            report.samples_ok += not found
+        if len(samples) != sh["samples"]:
+            report.problems.append({"shard": sh["path"], "key": "*",
+                                    "problem": f"{len(samples)} samples, manifest says {sh['samples']}"})
+    return report

@@ -1,0 +1,112 @@
+"""The multitask CXR model: vision encoder -> projector -> visual tokens interleaved into a causal LM.
+
+Report, VQA and grounding are one format: a prompt with `<image>` placeholders and an answer that the
+LM loss covers (answer tokens only). Several images per study (frontal, lateral, prior) are each
+encoded and written into their own placeholders, in prompt order.
+
+Load and save like transformers: `save_pretrained(dir)` writes config.json (the full cxrfm config +
+vocab size), model.safetensors and, when given, the tokenizer; `from_pretrained(dir)` needs neither
+Ray nor DeepSpeed.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from cxrfm.config import Config, ModelConfig, config_from_dict
+from cxrfm.data.samples import IGNORE, LM_TASKS
+from cxrfm.model.language import build_language_model
+from cxrfm.model.projector import Projector
+from cxrfm.model.vision import VisionEncoder
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class MultitaskModel(nn.Module):
+    def __init__(self, cfg: ModelConfig, vocab_size: int, image_token_id: int, attn_implementation: str = "sdpa"):
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.image_token_id = image_token_id
+        self.vision = VisionEncoder(cfg.vision, attn_implementation)
+        self.language = build_language_model(cfg.language, vocab_size, attn_implementation)
+        self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.language.hidden_size)
+
+    def enable_activation_checkpointing(self) -> None:
+        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
+        self.language.gradient_checkpointing_enable(**kwargs)
+        self.vision.vit.gradient_checkpointing_enable(**kwargs)
+
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor, image_present: torch.Tensor) -> torch.Tensor:
+        """Token embeddings with every `<image>` position replaced by a visual token."""
+        emb = self.language.get_input_embeddings()(input_ids)  # (B, T, D)
+        pixels = images[image_present]  # (n, S, S): present images, batch-major then role order
+        visual = self.projector(self.vision(pixels))  # (n, N, D)
+        slots = input_ids == self.image_token_id  # (B, T)
+        if int(slots.sum()) != visual.shape[0] * visual.shape[1]:
+            raise ValueError(
+                f"{int(slots.sum())} <image> positions but {visual.shape[0]} images x {visual.shape[1]} tokens; "
+                "the prompt and the image stack disagree (model.projector.num_tokens changed after tokenizing?)"
+            )
+        return emb.masked_scatter(slots.unsqueeze(-1), visual.to(emb.dtype))
+
+    def forward(self, input_ids, attention_mask, images, image_present, labels=None, task=None) -> dict:
+        """Returns logits and, with labels, the mean answer-token loss and per-task sums and counts."""
+        embeds = self.embed(input_ids, images, image_present)
+        hidden = self.language.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
+        logits = self.language.lm_head(hidden)  # (B, T, V)
+        out = {"logits": logits}
+        if labels is None:
+            return out
+        # Next-token prediction: position t predicts labels[t + 1].
+        target = labels[:, 1:]
+        tok_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                   ignore_index=IGNORE, reduction="none").view_as(target)  # (B, T-1)
+        counted = (target != IGNORE)
+        n_tok = counted.sum()
+        out["loss"] = tok_loss.sum() / n_tok.clamp(min=1)
+        out["tokens"] = n_tok
+        if task is not None:
+            per_row = tok_loss.sum(1)
+            rows = counted.sum(1)
+            for i, name in enumerate(LM_TASKS):
+                sel = task == i
+                out[f"loss_sum/{name}"] = per_row[sel].sum().detach()
+                out[f"tokens/{name}"] = rows[sel].sum()
+        return out
+
+    # ---- transformers-style persistence -------------------------------------------------------
+    def save_pretrained(self, path: str | Path, full_config: Config | None = None, tokenizer=None,
+                        state_dict: dict[str, torch.Tensor] | None = None) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        meta = {"vocab_size": self.vocab_size, "image_token_id": self.image_token_id,
+                "config": full_config.dump() if full_config else {"model": self.cfg.model_dump(mode="json")}}
+        state = state_dict if state_dict is not None else self.state_dict()
+        # safetensors refuses shared storage; untie explicitly so exports load anywhere.
+        state = {k: v.detach().contiguous().clone() for k, v in state.items()}
+        save_file(state, str(path / WEIGHTS), metadata={"format": "pt"})
+        (path / CONFIG).write_text(json.dumps(meta, indent=2))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(path))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, attn_implementation: str = "sdpa") -> "MultitaskModel":
+        path = Path(path)
+        if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
+            raise FileNotFoundError(f"{path} is not a cxrfm export (needs {CONFIG} and {WEIGHTS}); "
+                                    "train with `cxrfm train` and pass the printed export directory")
+        meta = json.loads((path / CONFIG).read_text())
+        cfg = config_from_dict(meta["config"]) if "data" in meta["config"] else Config(model=meta["config"]["model"])
+        model = cls(cfg.model, meta["vocab_size"], meta["image_token_id"], attn_implementation)
+        missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
+        if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:
+            raise ValueError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        return model

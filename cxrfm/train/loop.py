@@ -1,0 +1,173 @@
+"""The per-worker training loop run by Ray Train: DeepSpeed engine, streaming batches, metrics, checkpoints.
+
+Each rank builds the model (under `deepspeed.zero.Init` for ZeRO-3), wraps it in
+`deepspeed.initialize`, and reads its split of the Ray Dataset. Checkpoints are DeepSpeed's own
+layout (each rank writes its partition) reported through `ray.train.report`, which merges them
+into one directory in run storage and keeps the last K.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from cxrfm.config import config_from_dict
+from cxrfm.data.pipeline import SKIP_REASONS
+from cxrfm.data.samples import LM_TASKS
+
+TAG_PREFIX = "step"
+
+
+def _resume_step(engine, checkpoint) -> int:
+    with checkpoint.as_directory() as d:
+        tag = (Path(d) / "latest").read_text().strip()
+        _, client = engine.load_checkpoint(d, tag=tag)
+    return int(client["step"])
+
+
+def _to_device(batch: dict, device: torch.device) -> dict:
+    return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def _export(engine, cfg, tokenizer, out_dir: Path, rank: int) -> None:
+    """Full weights to an HF-style directory, loadable without Ray or DeepSpeed (rank 0 writes)."""
+    import deepspeed
+
+    module = engine.module
+    if cfg.deepspeed.stage == 3:
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            state = {k: v.detach().cpu().clone() for k, v in module.state_dict().items()} if rank == 0 else None
+    else:
+        state = {k: v.detach().cpu() for k, v in module.state_dict().items()} if rank == 0 else None
+    if rank == 0:
+        module.save_pretrained(out_dir, full_config=cfg, tokenizer=tokenizer, state_dict=state)
+    dist.barrier()
+
+
+class _Window:
+    """Sums over the steps since the last log line, reduced across ranks when logged."""
+
+    KEYS = ([f"loss_sum/{t}" for t in LM_TASKS] + [f"tokens/{t}" for t in LM_TASKS]
+            + ["samples", "truncated", "wait_s", "step_s"] + [f"skipped/{r}" for r in SKIP_REASONS[1:]])
+
+    def __init__(self):
+        self.sums = defaultdict(float)
+        self.steps = 0
+
+    def reduce(self) -> dict[str, float]:
+        vec = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64)
+        dist.all_reduce(vec)
+        return dict(zip(self.KEYS, vec.tolist()))
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    import ray.train
+    from ray.train import Checkpoint
+
+    from cxrfm.model.build import build_model
+    from cxrfm.text.tokenizer import load_tokenizer
+    from cxrfm.train.deepspeed_config import deepspeed_config, make_optimizer, make_scheduler
+    from cxrfm.train.tracking import MetricLogger
+
+    cfg = config_from_dict(config["cfg"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    out = Path(config["run_dir"])
+    (out / "workers").mkdir(parents=True, exist_ok=True)
+    (out / "workers" / f"rank{rank}.pid").write_text(str(os.getpid()))  # lets operators (and tests) find ranks
+    torch.manual_seed(cfg.train.seed + rank)
+    if not cfg.train.use_gpu:
+        torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
+    device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
+
+    deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
+    tokenizer = load_tokenizer(Path(cfg.data.shards) / "tokenizer")
+    ds_cfg = deepspeed_config(cfg)
+    model = build_model(cfg, len(tokenizer), attn_implementation=config["attn_implementation"],
+                        zero3_config=ds_cfg if cfg.deepspeed.stage == 3 else None)
+    if cfg.train.activation_checkpointing:
+        model.enable_activation_checkpointing()
+    optimizer = make_optimizer(cfg, model)
+    scheduler = make_scheduler(cfg, optimizer)
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None and config.get("resume_from"):
+        checkpoint = Checkpoint(config["resume_from"])
+    if checkpoint is not None:
+        step = _resume_step(engine, checkpoint)
+    start_step = step
+
+    logger = MetricLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
+    queue = config.get("progress_queue")
+    shard = ray.train.get_dataset_shard("train")
+    window, totals = _Window(), defaultdict(float)
+    last_log = time.perf_counter()
+    while step < cfg.train.max_steps:
+        batches = iter(shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy", drop_last=True))
+        t_wait = time.perf_counter()
+        for raw in batches:
+            t_got = time.perf_counter()
+            skip = raw.pop("skip_code")
+            truncated = raw.pop("truncated")
+            for code in skip[skip > 0]:
+                window.sums[f"skipped/{SKIP_REASONS[code]}"] += 1
+            batch = _to_device(raw, device)
+            result = engine(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_present"],
+                            labels=batch["labels"], task=batch["task"])
+            engine.backward(result["loss"])
+            engine.step()
+            if not engine.is_gradient_accumulation_boundary():
+                continue
+            step += 1
+            t_done = time.perf_counter()
+            for name in LM_TASKS:
+                window.sums[f"loss_sum/{name}"] += float(result[f"loss_sum/{name}"])
+                window.sums[f"tokens/{name}"] += float(result[f"tokens/{name}"])
+            window.sums["samples"] += int((skip == 0).sum())
+            window.sums["truncated"] += int(truncated.sum())
+            window.sums["wait_s"] += t_got - t_wait
+            window.sums["step_s"] += t_done - t_wait
+            window.steps += 1
+            final = step >= cfg.train.max_steps
+            if step % cfg.train.log_every == 0 or final:
+                s = window.reduce()
+                now = time.perf_counter()
+                elapsed = now - last_log
+                tokens = sum(s[f"tokens/{t}"] for t in LM_TASKS)
+                metrics = {f"loss/{t}": s[f"loss_sum/{t}"] / s[f"tokens/{t}"] for t in LM_TASKS if s[f"tokens/{t}"] > 0}
+                metrics.update({
+                    "loss": sum(s[f"loss_sum/{t}"] for t in LM_TASKS) / max(tokens, 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "samples_per_s": s["samples"] / elapsed,
+                    "answer_tokens_per_s": tokens / elapsed,
+                    "data_wait_fraction": s["wait_s"] / max(s["step_s"], 1e-9),
+                })
+                for k in window.KEYS:
+                    if k.startswith("skipped/") or k in ("samples", "truncated"):
+                        totals[k] += s[k]
+                metrics.update({f"total_{k}": v for k, v in totals.items() if k.startswith("skipped/") or k == "truncated"})
+                if rank == 0:
+                    logger.log(metrics, step)
+                    if queue is not None:
+                        queue.put_nowait({"step": step, **metrics})
+                window, last_log = _Window(), now
+            if step % cfg.train.checkpoint_every == 0 or final:
+                with tempfile.TemporaryDirectory() as tmp:
+                    engine.save_checkpoint(tmp, tag=f"{TAG_PREFIX}{step}", client_state={"step": step})
+                    ray.train.report({"step": step, "world_size": world, "start_step": start_step,
+                                      **{f"total_{k}": v for k, v in totals.items()}},
+                                     checkpoint=Checkpoint.from_directory(tmp))
+            if final:
+                break
+            t_wait = time.perf_counter()
+    _export(engine, cfg, tokenizer, out / "export", rank)

@@ -1,0 +1,207 @@
+"""Driver side of `cxrfm train`: Ray, data, MLflow run, Ray Train TorchTrainer, live progress, summary."""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from cxrfm.config import Config, ConfigError, config_from_dict
+
+WORKER_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+@dataclass
+class TrainResult:
+    run_name: str
+    run_dir: Path
+    checkpoint: str | None
+    export_dir: Path
+    mlflow_uri: str
+    mlflow_run_id: str
+    history: list[dict]
+    metrics: dict
+
+
+def _init_ray(cfg: Config) -> bool:
+    """Connect to RAY_ADDRESS when set (a cluster, a Ray job); else start a local Ray. Returns local?"""
+    import ray
+
+    if ray.is_initialized():
+        return not os.environ.get("RAY_ADDRESS")
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        return False
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": WORKER_ENV if not cfg.train.use_gpu else {}})
+    return True
+
+
+def _check_resources(cfg: Config) -> None:
+    import ray
+
+    if cfg.train.use_gpu:
+        have = ray.cluster_resources().get("GPU", 0)
+        if have < cfg.train.num_workers:
+            raise ConfigError(f"train.use_gpu=true needs {cfg.train.num_workers} GPUs but this Ray cluster has {int(have)}; "
+                              "set train.use_gpu=false (CPU) or submit to a GPU cluster (cxrfm jobs submit)")
+
+
+def latest_checkpoint(storage: Path) -> tuple[str | None, int]:
+    """The checkpoint directory with the highest DeepSpeed step under a run's Ray storage."""
+    best, best_step = None, -1
+    for latest in storage.glob("checkpoint_*/latest"):
+        step = int(latest.read_text().strip().removeprefix("step"))
+        if step > best_step:
+            best, best_step = str(latest.parent), step
+    return best, best_step
+
+
+def _progress(queue, total: int, start: int, history: list[dict], stop: threading.Event) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    cols = [TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TextColumn("{task.description}")]
+    with Progress(*cols, refresh_per_second=4) as bar:
+        task = bar.add_task("starting workers...", total=total, completed=start)
+        while not stop.is_set() or not queue.empty():
+            try:
+                m = queue.get(timeout=0.5)
+            except Exception:  # noqa: BLE001 - ray.util.queue.Empty on timeout
+                continue
+            history.append(m)
+            per_task = " ".join(f"{k.split('/')[1]}={v:.3f}" for k, v in m.items() if k.startswith("loss/"))
+            desc = f"loss {m['loss']:.3f} ({per_task}) {m['samples_per_s']:.1f} samples/s wait {m['data_wait_fraction']:.0%}"
+            bar.update(task, completed=m["step"], description=desc)
+
+
+def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> TrainResult:
+    import mlflow
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from cxrfm.attention import resolve_backend
+    from cxrfm.data.build import ensure_shards
+    from cxrfm.data.pipeline import build_dataset
+    from cxrfm.data.shards import load_manifest
+    from cxrfm.train.loop import train_loop_per_worker
+    from cxrfm.train.tracking import flatten, tracking_uri
+
+    out = Path(cfg.train.output_dir).resolve()
+    run_name = resume or cfg.tracking.run_name or f"{cfg.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = out / run_name
+    storage = out / "ray"
+    state_file = run_dir / "run.json"
+    resume_from = None
+    if resume:
+        if not state_file.is_file():
+            raise ConfigError(f"no run {resume!r} under {out} (expected {state_file}); list runs with: ls {out}")
+        resume_from, done = latest_checkpoint(storage / run_name)
+        if resume_from is None:
+            raise ConfigError(f"run {resume!r} has no checkpoint to resume from under {storage / run_name}")
+        if done >= cfg.train.max_steps:
+            raise ConfigError(f"run {resume!r} already reached step {done}; raise train.max_steps above it to continue")
+    local = _init_ray(cfg)
+    _check_resources(cfg)
+    backend, why = resolve_backend(cfg.model.attention, "cuda" if cfg.train.use_gpu else "cpu")
+    print(f"attention backend: {backend} ({why})")
+
+    ensure_shards(cfg.data)
+    manifest = load_manifest(cfg.data.shards)
+    vision = cfg.model.projector.num_tokens
+    dataset, excluded = build_dataset(cfg, "train", vision, augment=True)
+
+    uri = tracking_uri(cfg)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(cfg.tracking.experiment)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(state_file.read_text()) if state_file.is_file() else {}
+    run = mlflow.start_run(run_id=previous.get("mlflow_run_id"), run_name=None if previous else run_name)
+    run_id = run.info.run_id
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False))
+    state_file.write_text(json.dumps({"run_name": run_name, "mlflow_run_id": run_id, "tracking_uri": uri}, indent=2))
+    if not previous:
+        mlflow.log_params(flatten(cfg.dump()))
+        for split, info in manifest["splits"].items():
+            mlflow.log_metrics({f"data/{split}/studies": info["studies"],
+                                **{f"data/{split}/{t}": n for t, n in info["tasks"].items()}})
+    mlflow.log_artifact(str(run_dir / "config.yaml"))
+    for reason, n in excluded.items():
+        print(f"warning: {n} training samples excluded before reading ({reason}); run: cxrfm data verify {cfg.data.shards}")
+
+    queue = Queue(actor_options={"num_cpus": 0})
+    loop_config = {"cfg": cfg.dump(), "mlflow_uri": uri, "mlflow_run_id": run_id, "attn_implementation": backend,
+                   "progress_queue": queue, "resume_from": resume_from, "run_dir": str(run_dir)}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+        run_config=RunConfig(
+            name=run_name, storage_path=str(storage),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
+            worker_runtime_env={"env_vars": WORKER_ENV if not cfg.train.use_gpu else {}},
+        ),
+        datasets={"train": dataset},
+    )
+    history: list[dict] = []
+    stop = threading.Event()
+    start_step = latest_checkpoint(storage / run_name)[1] if resume else 0
+    watcher = threading.Thread(target=_progress, args=(queue, cfg.train.max_steps, max(start_step, 0), history, stop),
+                               daemon=True, name="progress")
+    if show_progress:
+        watcher.start()
+    try:
+        result = trainer.fit()
+    finally:
+        stop.set()
+        if show_progress:
+            watcher.join(timeout=10)
+    while not queue.empty():  # progress lines that arrived after the bar stopped
+        history.append(queue.get())
+    metrics = dict(result.metrics or {})
+    export_dir = run_dir / "export"
+    ckpt = result.checkpoint.path if result.checkpoint else None
+    mlflow.log_artifacts(str(export_dir), artifact_path="export")
+    skipped = {k.removeprefix("total_skipped/"): v for k, v in metrics.items() if k.startswith("total_skipped/") and v}
+    skipped.update(excluded)
+    mlflow.log_metrics({f"skipped/{k}": v for k, v in skipped.items()} or {"skipped/total": 0})
+    mlflow.end_run()
+    if local:
+        ray.shutdown()
+    res = TrainResult(run_name, run_dir, ckpt, export_dir, uri, run_id, history, {**metrics, "skipped": skipped})
+    return res
+
+
+def summary(res: TrainResult) -> str:
+    h = res.history
+    lines = [f"run           {res.run_name}"]
+    if h:
+        first, last = h[0], h[-1]
+        for key in sorted(k for k in last if k.startswith("loss")):
+            if key in first:
+                lines.append(f"{key:<14}{first[key]:.3f} (step {first['step']}) -> {last[key]:.3f} (step {last['step']})")
+        lines.append(f"samples/s     {sum(m['samples_per_s'] for m in h) / len(h):.1f} (mean of log windows)")
+        lines.append(f"data wait     {sum(m['data_wait_fraction'] for m in h) / len(h):.1%} of step time")
+    skipped = res.metrics.get("skipped", {})
+    lines.append(f"skipped       {int(sum(skipped.values()))} samples" + (f" {skipped}" if skipped else ""))
+    lines.append(f"checkpoint    {res.checkpoint}")
+    lines.append(f"export        {res.export_dir}  (MultitaskModel.from_pretrained; no Ray/DeepSpeed needed)")
+    lines.append(f"mlflow store  {res.mlflow_uri}  (run id {res.mlflow_run_id})")
+    lines.append(f"open the UI   mlflow ui --backend-store-uri {res.mlflow_uri}")
+    return "\n".join(lines)
+
+
+def load_run_config(output_dir: str | Path, run: str) -> Config:
+    path = Path(output_dir) / run / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"no saved config for run {run!r} at {path}")
+    return config_from_dict(yaml.safe_load(path.read_text()))

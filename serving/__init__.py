@@ -1,0 +1,1 @@
+"""Ray Serve application for cxrfm (multi-tenant serving; see the serving issue)."""
