@@ -60,14 +60,8 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
     return 0
 
 
-def _optional(parser_factory: str, sub) -> None:
-    """Register a command group that lives in its own module (jobs, plan, bench)."""
-    module, func = parser_factory.rsplit(":", 1)
-    try:
-        mod = importlib.import_module(module)
-    except ImportError:
-        return
-    getattr(mod, func)(sub)
+# Command groups that live in their own modules: "module:function(subparsers)".
+COMMAND_GROUPS = ("cxrfm.jobs:add_jobs_parser", "cxrfm.plan:add_plan_parser", "cxrfm.bench:add_bench_parser")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -96,9 +90,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_model_summary)
 
-    _optional("cxrfm.jobs:add_jobs_parser", sub)
-    _optional("cxrfm.plan:add_plan_parser", sub)
-    _optional("cxrfm.bench:add_bench_parser", sub)
+    for entry in COMMAND_GROUPS:
+        module, func = entry.split(":")
+        getattr(importlib.import_module(module), func)(sub)
     return parser
 
 

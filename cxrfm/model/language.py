@@ -14,7 +14,9 @@ def llama_config(cfg: LanguageConfig, vocab_size: int, attn_implementation: str)
         max_position_embeddings=cfg.max_position_embeddings,
         rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
         tie_word_embeddings=cfg.tie_word_embeddings, attn_implementation=attn_implementation,
-        pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        # No padding_idx: pad positions never reach the loss, and zeroing a row would index into
+        # parameters that ZeRO-3 has already partitioned away (size 0) at construction.
+        pad_token_id=None, bos_token_id=1, eos_token_id=2,
     )
 
 

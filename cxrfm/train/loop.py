@@ -96,8 +96,9 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.train.activation_checkpointing:
         model.enable_activation_checkpointing()
     optimizer = make_optimizer(cfg, model)
-    scheduler = make_scheduler(cfg, optimizer)
-    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_cfg)
+    # A factory, so the schedule binds to DeepSpeed's wrapped optimizer (ZeRO-3 regroups parameters).
+    engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
+                                                   lr_scheduler=lambda opt: make_scheduler(cfg, opt))
 
     step = 0
     checkpoint = ray.train.get_checkpoint()

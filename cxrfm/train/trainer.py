@@ -37,7 +37,8 @@ def _init_ray(cfg: Config) -> bool:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         return False
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+    # address="local": always a private cluster, never one that another `ray start` left running.
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": WORKER_ENV if not cfg.train.use_gpu else {}})
     return True
 

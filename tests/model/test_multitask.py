@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from cxrfm.config import load_config
+from cxrfm.data.pipeline import StudyToExample
+from cxrfm.data.samples import LM_TASKS, SampleSpec
+from cxrfm.model.build import build_model
+from cxrfm.model.multitask import MultitaskModel
+from cxrfm.model.summary import count_parameters, summarize
+
+from tests.data.test_pipeline import _raw_batch
+
+
+@pytest.fixture(scope="module")
+def batch(small_shards):
+    spec = SampleSpec(max_seq_len=192, image_size=64, num_image_tokens=16)
+    mapper = StudyToExample(str(small_shards / "tokenizer"), spec, {"report": 1, "vqa": 1, "grounding": 1}, seed=0)
+    out = mapper(_raw_batch(small_shards, n=12))
+    return {k: torch.as_tensor(v) for k, v in out.items()}, len(mapper.tokenizer)
+
+
+@pytest.mark.parametrize("task", LM_TASKS)
+def test_forward_backward_per_task(batch, task):
+    data, vocab = batch
+    sel = data["task"] == LM_TASKS.index(task)
+    assert sel.any(), f"fixture batch has no {task} example"
+    torch.manual_seed(0)
+    model = build_model(load_config(), vocab)
+    out = model(data["input_ids"][sel], data["attention_mask"][sel], data["images"][sel], data["image_present"][sel],
+                labels=data["labels"][sel], task=data["task"][sel])
+    assert out["loss"].ndim == 0 and torch.isfinite(out["loss"])
+    assert abs(out["loss"].item() - np.log(vocab)) < 1.5  # untrained: near uniform
+    out["loss"].backward()
+    for part in (model.vision, model.projector, model.language):
+        grads = [p.grad for p in part.parameters() if p.grad is not None]
+        assert grads and any(g.abs().sum() > 0 for g in grads), f"{type(part).__name__} got no gradient"
+    assert out[f"tokens/{task}"] == out["tokens"]
+
+
+def test_visual_tokens_change_the_answer_distribution(batch):
+    """Images reach the LM: the same prompt with different pixels gives different logits."""
+    data, vocab = batch
+    model = build_model(load_config(), vocab).eval()
+    args = (data["input_ids"][:2], data["attention_mask"][:2])
+    a = model(*args, data["images"][:2], data["image_present"][:2])["logits"]
+    b = model(*args, 255 - data["images"][:2], data["image_present"][:2])["logits"]
+    assert not torch.allclose(a, b)
+
+
+def test_mismatched_placeholders_are_rejected(batch):
+    data, vocab = batch
+    model = build_model(load_config(), vocab)
+    present = data["image_present"][:2].clone()
+    present[0] = False
+    with pytest.raises(ValueError, match="<image> positions"):
+        model(data["input_ids"][:2], data["attention_mask"][:2], data["images"][:2], present)
+
+
+def test_save_and_load_pretrained_round_trip(batch, tmp_path):
+    data, vocab = batch
+    cfg = load_config()
+    model = build_model(cfg, vocab).eval()
+    model.save_pretrained(tmp_path, full_config=cfg)
+    loaded = MultitaskModel.from_pretrained(tmp_path).eval()
+    args = (data["input_ids"][:3], data["attention_mask"][:3], data["images"][:3], data["image_present"][:3])
+    torch.testing.assert_close(model(*args)["logits"], loaded(*args)["logits"])
+    with pytest.raises(FileNotFoundError, match="not a cxrfm export"):
+        MultitaskModel.from_pretrained(tmp_path / "nothing")
+
+
+def _llama_params(vocab, hidden, inter, layers, heads, kv_heads, tied=False):
+    """Llama parameter count by hand: embeddings, per-layer attention + SwiGLU MLP + 2 RMSNorms, final norm, head."""
+    head_dim = hidden // heads
+    attn = hidden * hidden * 2 + hidden * kv_heads * head_dim * 2  # q, o + k, v
+    mlp = 3 * hidden * inter
+    per_layer = attn + mlp + 2 * hidden
+    return vocab * hidden + layers * per_layer + hidden + (0 if tied else vocab * hidden)
+
+
+def test_7b_language_model_on_meta_matches_hand_count():
+    cfg = load_config(None, [
+        "model.language.hidden_size=4096", "model.language.intermediate_size=11008", "model.language.num_layers=32",
+        "model.language.num_heads=32", "model.language.num_kv_heads=32", "model.language.vocab_size=32000",
+    ])
+    model = build_model(cfg, 32000, device="meta")
+    assert next(model.parameters()).device.type == "meta"
+    counts = count_parameters(model)
+    expected = _llama_params(32000, 4096, 11008, 32, 32, 32)
+    assert expected == 6_738_415_616  # LLaMA-7B as published
+    assert abs(counts["language"] - expected) / expected < 0.02
+    assert counts["total"] == counts["vision"] + counts["projector"] + counts["language"]
+
+
+def test_summary_of_tiny_config_is_consistent():
+    counts = summarize(load_config())
+    assert 0 < counts["projector"] < counts["language"] and counts["total"] == sum(v for k, v in counts.items() if k != "total")
