@@ -7,6 +7,7 @@ Unknown keys and bad values fail here, before any work starts, naming the key an
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -94,6 +95,10 @@ class ModelConfig(_Section):
     projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
     language: LanguageConfig = Field(default_factory=LanguageConfig)
     attention: Literal["auto", "sdpa", "eager", "triton", "flash_attn", "xformers"] = "sdpa"
+    # Our Triton kernels in place of Llama's RMSNorm and of lm_head + cross-entropy (GPU, or the
+    # Triton interpreter in tests).
+    fused_rmsnorm: bool = False
+    fused_cross_entropy: bool = False
 
 
 class TrainConfig(_Section):
@@ -170,6 +175,10 @@ class Config(_Section):
         need = 2 + 3 * (p + 1) + 16
         if self.data.max_seq_len < need:
             raise ValueError(f"data.max_seq_len ({self.data.max_seq_len}) is too short for 3 images of {p} visual tokens; use at least {need}")
+        m = self.model
+        if (m.fused_rmsnorm or m.fused_cross_entropy) and not self.train.use_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError("model.fused_rmsnorm / model.fused_cross_entropy are Triton GPU kernels: set train.use_gpu=true, "
+                             "or set them to false on CPU")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision=fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16 on CPU")
         return self

@@ -7,7 +7,12 @@ from pathlib import Path
 
 import pytest
 
+import torch
+
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
+# Triton kernels run in the interpreter on CPU-only machines; it must be set before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parent.parent
 

@@ -10,6 +10,7 @@ import importlib
 BENCHES = {
     "attention": ("cxrfm.bench.attention", "main", "attention kernels: ours vs SDPA / flash-attn / xformers"),
     "loss": ("cxrfm.bench.loss", "main", "fused linear + cross-entropy vs unfused: peak memory and time"),
+    "train": ("cxrfm.bench.train", "main", "training step per attention backend, fused kernels on/off: tokens/s, MFU"),
 }
 
 

@@ -97,6 +97,6 @@ def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool)
     ds = ds.map_batches(
         StudyToExample,
         fn_constructor_args=(str(shards / "tokenizer"), spec, dict(cfg.data.tasks), cfg.data.seed),
-        batch_size=32, batch_format="numpy", concurrency=1, num_cpus=0.25,
+        batch_size=32, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
     )
     return ds, skipped

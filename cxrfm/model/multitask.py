@@ -21,6 +21,7 @@ from torch.nn import functional as F
 
 from cxrfm.config import Config, ModelConfig, config_from_dict
 from cxrfm.data.samples import IGNORE, LM_TASKS
+from cxrfm.model.heads import LMHead, swap_rmsnorm
 from cxrfm.model.language import build_language_model
 from cxrfm.model.projector import Projector
 from cxrfm.model.vision import VisionEncoder
@@ -37,12 +38,20 @@ class MultitaskModel(nn.Module):
         self.image_token_id = image_token_id
         self.vision = VisionEncoder(cfg.vision, attn_implementation)
         self.language = build_language_model(cfg.language, vocab_size, attn_implementation)
+        head = LMHead(cfg.language.hidden_size, vocab_size, fused=cfg.fused_cross_entropy)
+        if cfg.language.tie_word_embeddings:
+            head.weight = self.language.get_input_embeddings().weight
+        self.language.lm_head = head
+        if cfg.fused_rmsnorm:
+            swap_rmsnorm(self.language)
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.language.hidden_size)
 
     def enable_activation_checkpointing(self) -> None:
-        kwargs = {"gradient_checkpointing_kwargs": {"use_reentrant": False}}
-        self.language.gradient_checkpointing_enable(**kwargs)
-        self.vision.vit.gradient_checkpointing_enable(**kwargs)
+        for part in (self.language, self.vision.vit):
+            if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.x name
+                part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
     def embed(self, input_ids: torch.Tensor, images: torch.Tensor, image_present: torch.Tensor) -> torch.Tensor:
         """Token embeddings with every `<image>` position replaced by a visual token."""
@@ -58,28 +67,26 @@ class MultitaskModel(nn.Module):
         return emb.masked_scatter(slots.unsqueeze(-1), visual.to(emb.dtype))
 
     def forward(self, input_ids, attention_mask, images, image_present, labels=None, task=None) -> dict:
-        """Returns logits and, with labels, the mean answer-token loss and per-task sums and counts."""
+        """Without labels: logits (B, T, V). With labels: the mean answer-token loss and, given `task`,
+        per-task loss sums and token counts. Logits are then computed at answer positions only."""
         embeds = self.embed(input_ids, images, image_present)
-        hidden = self.language.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state
-        logits = self.language.lm_head(hidden)  # (B, T, V)
-        out = {"logits": logits}
+        hidden = self.language.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
         if labels is None:
-            return out
-        # Next-token prediction: position t predicts labels[t + 1].
-        target = labels[:, 1:]
-        tok_loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                   ignore_index=IGNORE, reduction="none").view_as(target)  # (B, T-1)
-        counted = (target != IGNORE)
+            return {"logits": self.language.lm_head(hidden)}
+        # Next-token prediction: position t predicts labels[t + 1]; only answer tokens count.
+        target = labels[:, 1:]  # (B, T-1)
+        counted = target != IGNORE
+        task = task if task is not None else torch.zeros(len(labels), dtype=torch.long, device=labels.device)
+        out, total = {}, hidden.new_zeros((), dtype=torch.float32)
+        for i, name in enumerate(LM_TASKS):
+            sel = counted & (task == i).unsqueeze(1)  # (B, T-1)
+            loss_sum = self.language.lm_head(hidden[:, :-1][sel], target[sel])  # fp32 scalar
+            total = total + loss_sum
+            out[f"loss_sum/{name}"] = loss_sum.detach()
+            out[f"tokens/{name}"] = sel.sum()
         n_tok = counted.sum()
-        out["loss"] = tok_loss.sum() / n_tok.clamp(min=1)
+        out["loss"] = total / n_tok.clamp(min=1)
         out["tokens"] = n_tok
-        if task is not None:
-            per_row = tok_loss.sum(1)
-            rows = counted.sum(1)
-            for i, name in enumerate(LM_TASKS):
-                sel = task == i
-                out[f"loss_sum/{name}"] = per_row[sel].sum().detach()
-                out[f"tokens/{name}"] = rows[sel].sum()
         return out
 
     # ---- transformers-style persistence -------------------------------------------------------

@@ -14,9 +14,9 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
+import yaml
 
 from cxrfm.config import config_from_dict
 from cxrfm.data.pipeline import SKIP_REASONS
@@ -165,6 +165,8 @@ def train_loop_per_worker(config: dict) -> None:
             if step % cfg.train.checkpoint_every == 0 or final:
                 with tempfile.TemporaryDirectory() as tmp:
                     engine.save_checkpoint(tmp, tag=f"{TAG_PREFIX}{step}", client_state={"step": step})
+                    if rank == 0:  # every checkpoint carries the resolved config it was trained with
+                        (Path(tmp) / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False))
                     ray.train.report({"step": step, "world_size": world, "start_step": start_step,
                                       **{f"total_{k}": v for k, v in totals.items()}},
                                      checkpoint=Checkpoint.from_directory(tmp))

@@ -108,6 +108,13 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             raise ConfigError(f"run {resume!r} has no checkpoint to resume from under {storage / run_name}")
         if done >= cfg.train.max_steps:
             raise ConfigError(f"run {resume!r} already reached step {done}; raise train.max_steps above it to continue")
+    if cfg.train.use_gpu and not os.environ.get("RAY_ADDRESS"):
+        import torch
+
+        if torch.cuda.device_count() < cfg.train.num_workers:
+            raise ConfigError(f"train.use_gpu=true asks for {cfg.train.num_workers} GPUs but this machine has "
+                              f"{torch.cuda.device_count()}; set train.use_gpu=false (CPU) or submit to a GPU cluster "
+                              "(cxrfm jobs submit SPEC --to ray ADDRESS)")
     local = _init_ray(cfg)
     _check_resources(cfg)
     backend, why = resolve_backend(cfg.model.attention, "cuda" if cfg.train.use_gpu else "cpu")
@@ -204,5 +211,5 @@ def summary(res: TrainResult) -> str:
 def load_run_config(output_dir: str | Path, run: str) -> Config:
     path = Path(output_dir) / run / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"no saved config for run {run!r} at {path}")
+        raise ConfigError(f"no run {run!r} under {Path(output_dir)} (expected {path}); list runs with: ls {output_dir}")
     return config_from_dict(yaml.safe_load(path.read_text()))

@@ -95,3 +95,19 @@ def test_7b_language_model_on_meta_matches_hand_count():
 def test_summary_of_tiny_config_is_consistent():
     counts = summarize(load_config())
     assert 0 < counts["projector"] < counts["language"] and counts["total"] == sum(v for k, v in counts.items() if k != "total")
+
+
+def test_activation_checkpointing_gives_the_same_gradients(batch):
+    data, vocab = batch
+    grads = []
+    for ckpt in (False, True):
+        torch.manual_seed(0)
+        model = build_model(load_config(), vocab)
+        if ckpt:
+            model.enable_activation_checkpointing()
+        model.train()
+        out = model(data["input_ids"][:4], data["attention_mask"][:4], data["images"][:4], data["image_present"][:4],
+                    labels=data["labels"][:4])
+        out["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-4, atol=1e-6)
