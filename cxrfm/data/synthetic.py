@@ -182,6 +182,8 @@ def generate_phantoms(
     lateral_fraction: float = 0.3,
 ) -> Iterator[Phantom]:
     """Like generate_studies, but also yields each study's ground truth (and its prior's)."""
+    if image_size < 32:
+        raise ValueError(f"image_size must be at least 32 (nodules and lines are sub-pixel below), got {image_size}")
     plans = plan_studies(num_studies, seed, num_patients, split_fractions, prior_fraction, lateral_fraction)
     last: dict[str, tuple[Patient, PhantomTruth, StudyPlan]] = {}  # patient id -> their previous exam
     wanted_as_prior = {p.previous_index for p in plans if p.with_prior}
@@ -207,7 +209,7 @@ def generate_phantoms(
         if prior is not None:  # the previous exam's frontal.png, byte for byte
             images["prior"] = kept_frontals.pop(previous[2].index)
         if plan.index in wanted_as_prior:
-            kept_frontals[plan.index] = images["frontal"]
+            kept_frontals[plan.index] = images["frontal"].copy()  # callers may modify theirs
 
         text_rng = random.Random(int(_rng(seed, plan.index, _TEXT).integers(2**62)))
         report = write_report(truth, text_rng, prior_date=previous[2].date if prior is not None else None)

@@ -104,7 +104,8 @@ class Writer:
         self.sentences.append(cap(sentence))
         self.label(labels, value)
         if phrase is not None:
-            assert phrase.lower() in sentence.lower(), (phrase, sentence)
+            if phrase.lower() not in sentence.lower():  # grounding needs the phrase verbatim in the text
+                raise ValueError(f"phrase {phrase!r} is not in {sentence!r}")
             self.grounded.append(Grounded(phrase, labels[0], tuple(findings)))
 
     def pick(self, options):
@@ -125,9 +126,9 @@ class Writer:
 
 
 def effusions(w: Writer) -> None:
-    effusions = [f for f in w.truth.of_kind("effusion")]
-    sure = [f for f in effusions if not f.uncertain]
-    for f in (f for f in effusions if f.uncertain):
+    found = w.truth.of_kind("effusion")
+    sure = [f for f in found if not f.uncertain]
+    for f in (f for f in found if f.uncertain):
         side = f.side
         w.say(
             w.pick(
@@ -166,8 +167,7 @@ def _short(w: Writer, text: str, f: Finding) -> str:
     """Impression item with its interval change, if any."""
     c = w.change_of(f)
     if c is not None and c.status in ("new", "increased", "decreased"):
-        word = {"new": "new", "increased": "increased", "decreased": "decreased"}[c.status]
-        return f"{cap(text)}, {word}."
+        return f"{cap(text)}, {c.status}."
     return f"{cap(text)}."
 
 
@@ -189,7 +189,7 @@ def pneumothorax(w: Writer) -> None:
 def airspace(w: Writer) -> None:
     for f in w.truth.of_kind("consolidation", "opacity"):
         loc = location(f, w.rng)
-        labels = list(f.kind == "consolidation" and ("Consolidation", "Lung Opacity") or ("Lung Opacity",))
+        labels = list(KIND_LABELS[f.kind])
         if f.uncertain:
             noun = "consolidation" if f.kind == "consolidation" else "opacity"
             w.say(

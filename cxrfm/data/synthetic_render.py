@@ -20,7 +20,6 @@ from cxrfm.data.synthetic_geometry import (
     LEFT_BRONCHUS,
     RIGHT_BRONCHUS,
     BRONCHUS_LENGTH,
-    apex_edge,
     central_line_path,
     diaphragm,
     ett_path,
@@ -73,7 +72,8 @@ def blur3(a: np.ndarray) -> np.ndarray:
     return res
 
 
-def _dilate4(m: np.ndarray) -> np.ndarray:
+def dilate4(m: np.ndarray) -> np.ndarray:
+    """Grow a mask by one pixel (4-neighbourhood)."""
     out = m.copy()
     out[1:] |= m[:-1]
     out[:-1] |= m[1:]
@@ -153,7 +153,7 @@ class FrontalScene:
         tmax = {"small": 0.45, "moderate": 0.7, "large": 0.95}[f.severity]
         collapsed = lung_mask(an, f.side, self.u, self.v, gap=PTX_GAP[f.severity], gap_tmax=tmax)
         rim = self.lung[f.side] & ~collapsed & ~self.heart
-        line = collapsed & _dilate4(rim)
+        line = collapsed & dilate4(rim)
         return Effect(mask=rim | line, air=0.16 * rim, density=0.38 * line, hides_markings=rim)
 
     def _airspace(self, f: Finding, amp: float, spread: float) -> Effect:

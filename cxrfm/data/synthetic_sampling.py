@@ -13,7 +13,9 @@ import numpy as np
 from cxrfm.data.synthetic_geometry import heart_mask, lung_mask, to_uv
 from cxrfm.data.synthetic_truth import (
     AP_MAGNIFICATION,
+    CARDIOMEGALY_MIN_CTR,
     EXTENT,
+    NORMAL_MAX_CTR,
     PARENCHYMAL_KINDS,
     PLEURAL_SEVERITY,
     PTX_GAP,
@@ -68,8 +70,12 @@ def sample_patient(rng: np.random.Generator) -> Patient:
         rib_phase=rng.uniform(-0.2, 0.2),
         gastric_bubble=bool(rng.random() < 0.7),
     )
-    # Normal hearts stay below 0.48 even magnified on AP; enlarged ones stay above 0.54 (see truth).
-    base_ctr = rng.uniform(0.55, 0.64) if rng.random() < 0.2 else rng.uniform(0.38, 0.44)
+    # Normal hearts stay below NORMAL_MAX_CTR even magnified on an AP film; enlarged ones are above
+    # CARDIOMEGALY_MIN_CTR even on PA, so the CTR never straddles 0.5 (see synthetic_truth).
+    if rng.random() < 0.2:
+        base_ctr = rng.uniform(CARDIOMEGALY_MIN_CTR + 0.01, 0.64)
+    else:
+        base_ctr = rng.uniform(0.38, NORMAL_MAX_CTR / AP_MAGNIFICATION)
     return Patient(anatomy, float(base_ctr), int(rng.integers(22, 92)), "male" if rng.random() < 0.5 else "female")
 
 

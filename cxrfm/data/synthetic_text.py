@@ -33,6 +33,8 @@ from cxrfm.data.synthetic_truth import PhantomTruth
 
 @dataclass
 class ReportText:
+    """The text fields of a Study, its labels, and the positive phrases to ground."""
+
     indication: str
     comparison: str
     findings: str
@@ -158,7 +160,10 @@ def _compared(w: Writer) -> None:
     """With a prior, make sure the findings say what changed (hedged findings carry no change clause)."""
     if not w.truth.changes or any(COMPARISON_WORDS.search(s) for s in w.sentences):
         return
-    c = next(c for c in w.truth.changes if c.status != "unchanged")
+    c = next((c for c in w.truth.changes if c.status != "unchanged"), None)
+    if c is None:
+        w.say(w.pick(["No significant interval change since the prior study.", "Unchanged compared with the prior."]))
+        return
     f = c.after or c.before
     name = DEVICE_WORDS.get(c.kind) or NAMES[c.kind]
     name = (

@@ -13,8 +13,8 @@ from cxrfm.data.schema import CHEXPERT_LABELS, Study
 from cxrfm.data.synthetic import generate_phantoms, generate_studies, plan_studies
 from cxrfm.data.synthetic_geometry import grid, lung_mask, zone_v
 from cxrfm.data.synthetic_lateral import render_lateral
-from cxrfm.data.synthetic_render import FrontalScene, _dilate4, measure_ctr, render_frontal
-from cxrfm.data.synthetic_truth import DEVICE_KINDS, NEGATION_COVERS, Finding
+from cxrfm.data.synthetic_render import FrontalScene, dilate4, measure_ctr, render_frontal
+from cxrfm.data.synthetic_truth import CHANGE_STATUS, DEVICE_KINDS, FINDING_KINDS, NEGATABLE, NEGATION_COVERS, Finding
 
 SIZE = 128
 
@@ -60,7 +60,7 @@ MENTION = {
     "Lung Lesion": r"nodul|mass",
     "Edema": r"edema",
     "Atelectasis": r"atelectasis",
-    "Support Devices": r"tube|line|catheter|pacemaker",
+    "Support Devices": r"tube|central line|catheter|pacemaker",
     "Pneumonia": r"pneumonia",
     "Fracture": r"osseous|fracture",
 }
@@ -72,7 +72,7 @@ NEGATION_MENTION = dict(
         "Lung Opacity": r"lungs are clear|opacit|consolidation",
     },
 )
-NEGATED = r"^(no |there is no )|has resolved|resolution of|lungs are clear|normal|intact"
+NEGATED = r"^(no |there is no )|has resolved|resolution of|removal of|lungs are clear|normal|intact"
 HEDGED = r"possible|may represent|cannot be excluded|questionable|concerning for"
 GROUNDED_BY = {
     "Lung Opacity": {"Lung Opacity", "Consolidation", "Edema"},
@@ -128,6 +128,9 @@ def test_studies_validate_and_images_match_refs(phantoms):
             assert ref.key == f"{ref.role}.png" and (ref.width, ref.height) == (SIZE, SIZE)
             assert p.images[ref.role].dtype == np.uint8 and p.images[ref.role].shape == (SIZE, SIZE)
         assert s.image("frontal").view == p.truth.view in ("PA", "AP")
+        assert {f.kind for f in p.truth.findings} <= set(FINDING_KINDS)
+        assert {kind for kind, _ in p.truth.negated} <= set(NEGATABLE)
+        assert {c.status for c in p.truth.changes} <= set(CHANGE_STATUS)
         assert set(s.labels) <= set(CHEXPERT_LABELS)
 
 
@@ -152,6 +155,11 @@ def test_labels_agree_with_truth_and_text(phantoms):
                 assert any(re.search(NEGATED, x) for x in mentioned), (s.study_id, label, sentences)
         if not t.pathologies():
             assert s.labels.get("No Finding") == 1
+        for sentence in sentences:  # and the other way round: a plain statement of a finding sets its label
+            if not re.search(NEGATED + "|" + HEDGED, sentence):
+                for label, pattern in MENTION.items():
+                    if re.search(pattern, sentence):
+                        assert s.labels.get(label) == 1, (s.study_id, label, sentence)
 
 
 def _hemithorax(truth, side: str) -> tuple[int, int, int, int]:
@@ -203,7 +211,7 @@ def test_drawn_findings_are_visible_and_stay_inside_their_mask(phantoms):
             diff = np.abs(base - _render(_without(t, f)))
             mask = scene.finding_mask(f)
             assert mask.any(), f
-            assert not (diff[~_dilate4(_dilate4(mask))] > 8).any(), (p.study.study_id, f.kind)
+            assert not (diff[~dilate4(dilate4(mask))] > 8).any(), (p.study.study_id, f.kind)
             assert diff[mask].mean() > (4 if f.uncertain else 8), (p.study.study_id, f.kind, diff[mask].mean())
             checked[f.kind] += 1
     assert len(checked) >= 8, checked
