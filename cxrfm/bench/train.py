@@ -81,7 +81,7 @@ def _run_variant(base, backend: str, fused: bool, args, device) -> dict:
     register_backends()
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = build_model(cfg, cfg.model.language.vocab_size, attn_implementation=impl).to(device, dtype)
+    model = build_model(cfg, cfg.model.language.vocab_size, device=device, attn_implementation=impl).to(dtype)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     data = _batch(cfg, cfg.model.language.vocab_size, args.batch, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -29,7 +29,8 @@ def build_model(cfg: Config, vocab_size: int | None = None, device: str | torch.
 
         ctx = deepspeed.zero.Init(config_dict_or_path=zero3_config)
     else:
-        ctx = torch.device(device) if str(device) == "meta" else contextlib.nullcontext()
+        # meta: shapes only; cuda: weights are created (and initialised) on the GPU directly.
+        ctx = torch.device(device) if str(device) != "cpu" else contextlib.nullcontext()
     with ctx:
         model = MultitaskModel(cfg.model, vocab_size, IMAGE_TOKEN_ID, attn_implementation)
     return model

@@ -59,7 +59,6 @@ class _Window:
 
     def __init__(self):
         self.sums = defaultdict(float)
-        self.steps = 0
 
     def reduce(self) -> dict[str, float]:
         vec = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64)
@@ -125,20 +124,20 @@ def train_loop_per_worker(config: dict) -> None:
             batch = _to_device(raw, device)
             result = engine(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_present"],
                             labels=batch["labels"], task=batch["task"])
+            boundary = engine.is_gradient_accumulation_boundary()  # before step() advances the micro-step
             engine.backward(result["loss"])
             engine.step()
-            if not engine.is_gradient_accumulation_boundary():
-                continue
-            step += 1
-            t_done = time.perf_counter()
-            for name in LM_TASKS:
+            for name in LM_TASKS:  # every micro-batch counts, not only the last of an accumulation
                 window.sums[f"loss_sum/{name}"] += float(result[f"loss_sum/{name}"])
                 window.sums[f"tokens/{name}"] += float(result[f"tokens/{name}"])
             window.sums["samples"] += int((skip == 0).sum())
             window.sums["truncated"] += int(truncated.sum())
             window.sums["wait_s"] += t_got - t_wait
-            window.sums["step_s"] += t_done - t_wait
-            window.steps += 1
+            window.sums["step_s"] += time.perf_counter() - t_wait
+            t_wait = time.perf_counter()
+            if not boundary:
+                continue
+            step += 1
             final = step >= cfg.train.max_steps
             if step % cfg.train.log_every == 0 or final:
                 s = window.reduce()
@@ -172,5 +171,5 @@ def train_loop_per_worker(config: dict) -> None:
                                      checkpoint=Checkpoint.from_directory(tmp))
             if final:
                 break
-            t_wait = time.perf_counter()
+            t_wait = time.perf_counter()  # checkpoint and logging time is not data wait
     _export(engine, cfg, tokenizer, out / "export", rank)

@@ -1,0 +1,66 @@
+"""Shared helpers for the Triton kernels: interpreter detection and autotune config lists."""
+
+import os
+
+import triton
+
+# TRITON_INTERPRET must be set before triton is imported (tests/kernels/conftest.py does it on CPU-only
+# machines); we read it once here so every kernel module agrees on it.
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def configs(gpu_configs, interpret_config, fp32_config=None):
+    """Autotune candidates for this process.
+
+    Under the interpreter every program runs in numpy, so benchmarking candidates is pointless and slow:
+    use a single small config (a single config makes the autotuner skip benchmarking altogether).
+    fp32_config, if given, is appended last; `prune_by_dtype` keeps it alone for 4-byte inputs (the half
+    precision tiles would overflow shared memory, e.g. 256 KB for head dim 128) and drops it otherwise.
+    """
+    if INTERPRET:
+        meta, num_warps = interpret_config
+        return [triton.Config(meta, num_warps=num_warps, num_stages=1)]
+    if os.environ.get("CXRFM_AUTOTUNE", "1") == "0":
+        # first candidate only: skips tuning and most compiles (quick GPU test runs); list the best default first
+        gpu_configs = gpu_configs[:1]
+    out = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu_configs]
+    if fp32_config is not None:
+        meta, w, s = fp32_config
+        out.append(triton.Config(meta, num_warps=w, num_stages=s))
+        _FP32_ONLY.add(id(out[-1]))
+    return out
+
+
+_FP32_ONLY: set[int] = set()  # ids of the configs reserved for fp32 inputs
+
+
+def prune_by_dtype(tensor_arg: str):
+    """early_config_prune hook: the fp32-only config for fp32 `tensor_arg`, every other config otherwise."""
+
+    def prune(configs, named_args, **kwargs):
+        fp32 = named_args[tensor_arg].element_size() == 4
+        keep = [c for c in configs if (id(c) in _FP32_ONLY) == fp32]
+        return keep or configs
+
+    return prune
+
+
+def check_device(*tensors, what: str) -> None:
+    """Raise a clear error when a Triton kernel cannot run on the tensors' device."""
+    dev = tensors[0].device
+    for t in tensors:
+        if t.device != dev:
+            raise ValueError(f"{what}: all tensors must be on one device, got {dev} and {t.device}")
+    if dev.type == "cuda":
+        return
+    if dev.type == "cpu" and INTERPRET:
+        return
+    raise RuntimeError(
+        f"{what} is a Triton kernel: it needs CUDA tensors (got {dev.type}); "
+        "for CPU testing set TRITON_INTERPRET=1 before importing triton"
+    )
+
+
+def seq_bucket(n: int) -> int:
+    """Autotune key for a sequence length: the next power of two, so varlen batches do not retune every step."""
+    return max(64, triton.next_power_of_2(int(n)))
