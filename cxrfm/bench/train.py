@@ -56,14 +56,20 @@ def _batch(cfg, vocab: int, batch: int, device, seed: int = 0) -> dict:
 
 
 def _flops_per_step(model, cfg, batch: int) -> float:
-    """6 x params x tokens for the LM and the ViT, plus the attention score/value matmuls (PaLM appendix B)."""
-    lm = sum(p.numel() for p in model.language.parameters())
+    """Matmul FLOPs of one step (forward + backward = 3 x forward), PaLM appendix B style.
+
+    Counted: 6 x (LM params except the embedding table, which is a lookup) x tokens; the LM head only
+    on the answer half, where the loss is computed; 6 x ViT params x patches; the attention score and
+    value products (causal LM: half of the square)."""
+    lm_body = sum(p.numel() for n, p in model.language.named_parameters()
+                  if "embed_tokens" not in n and "lm_head" not in n)
+    head = model.language.lm_head.weight.numel()
     vit = sum(p.numel() for p in model.vision.parameters())
     T, L, D = cfg.data.max_seq_len, cfg.model.language.num_layers, cfg.model.language.hidden_size
     patches = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     Lv, Dv = cfg.model.vision.num_layers, cfg.model.vision.hidden_size
-    dense = 6 * lm * T * batch + 6 * vit * patches * batch
-    attn = 6 * L * D * T * T * batch + 12 * Lv * Dv * patches * patches * batch  # causal LM halves 12 -> 6
+    dense = 6 * lm_body * T * batch + 6 * head * (T // 2) * batch + 6 * vit * patches * batch
+    attn = 6 * L * D * T * T * batch + 12 * Lv * Dv * patches * patches * batch
     return float(dense + attn)
 
 
@@ -147,3 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     args = add_args(argparse.ArgumentParser(prog="cxrfm bench train")).parse_args(argv)
     print(run_train_bench(args), flush=True)
     return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
