@@ -58,12 +58,14 @@ def choose_task(study: Study, weights: dict[str, float], rng: np.random.Generato
     return can[rng.choice(len(can), p=p / p.sum())], True
 
 
+def report_prompt(indication: str, has_prior: bool) -> str:
+    prompt = f"indication: {indication}" if indication else "indication: none given"
+    return prompt + (" comparison: prior study provided" if has_prior else "")
+
+
 def prompt_and_answer(study: Study, task: str, rng: np.random.Generator) -> tuple[str, str]:
     if task == "report":
-        prompt = f"indication: {study.indication}" if study.indication else "indication: none given"
-        if study.image("prior") is not None:
-            prompt += " comparison: prior study provided"
-        return prompt, study.report
+        return report_prompt(study.indication, study.image("prior") is not None), study.report
     if task == "vqa":
         qa = study.vqa[rng.integers(len(study.vqa))]
         return qa.question, qa.answer
@@ -73,6 +75,17 @@ def prompt_and_answer(study: Study, task: str, rng: np.random.Generator) -> tupl
         locs = "".join(box_to_loc_tokens((b.x1, b.y1, b.x2, b.y2), ref.width, ref.height) for b in gp.boxes)
         return gp.phrase, locs
     raise ValueError(f"task {task!r} is not a language-model task; allowed: {list(LM_TASKS)}")
+
+
+def prompt_ids(tokenizer, roles: list[str], task: str, prompt: str, num_image_tokens: int) -> list[int]:
+    """<bos> <role> <image>*N ... <task_x> prompt — the same layout for training and generation."""
+    vocab = tokenizer.get_vocab()
+    ids = [vocab[BOS]]
+    for role in ROLES:
+        if role in roles:
+            ids += [vocab[ROLE_TOKENS[role]]] + [vocab[IMAGE]] * num_image_tokens
+    ids.append(vocab[TASK_TOKENS[task]])
+    return ids + tokenizer.encode(prompt, add_special_tokens=False)
 
 
 def decode_image(data: bytes, size: int) -> np.ndarray:
@@ -98,27 +111,25 @@ def encode_example(study: Study, task: str, images: dict[str, np.ndarray], token
     """Token ids, labels and the (3, S, S) image stack for one example. Returns (example, truncated)."""
     prompt, answer = prompt_and_answer(study, task, rng)
     vocab = tokenizer.get_vocab()
-    head = [vocab[BOS]]
     present = np.zeros(len(ROLES), dtype=bool)
     stack = np.zeros((len(ROLES), spec.image_size, spec.image_size), dtype=np.uint8)
     for i, role in enumerate(ROLES):
         if role in images:
             present[i] = True
             stack[i] = augment(images[role], rng) if spec.augment else images[role]
-            head += [vocab[ROLE_TOKENS[role]]] + [vocab[IMAGE]] * spec.num_image_tokens
-    head += [vocab[TASK_TOKENS[task]]]
-    prompt_ids = head + tokenizer.encode(prompt, add_special_tokens=False)
+    prefix = prompt_ids(tokenizer, list(images), task, prompt, spec.num_image_tokens)
+    head_len = len(prefix) - len(tokenizer.encode(prompt, add_special_tokens=False))
     answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [vocab[EOS]]
 
     # Keep every image token and the answer's start; cut the prompt text first, then the answer's tail.
     budget = spec.max_seq_len
-    truncated = len(prompt_ids) + len(answer_ids) > budget
+    truncated = len(prefix) + len(answer_ids) > budget
     if truncated:
-        room_prompt = max(len(head), budget - len(answer_ids))
-        prompt_ids = prompt_ids[:room_prompt]
-        answer_ids = answer_ids[: budget - len(prompt_ids)]
-    ids = prompt_ids + answer_ids
-    labels = [IGNORE] * len(prompt_ids) + answer_ids
+        room_prompt = max(head_len, budget - len(answer_ids))
+        prefix = prefix[:room_prompt]
+        answer_ids = answer_ids[: budget - len(prefix)]
+    ids = prefix + answer_ids
+    labels = [IGNORE] * len(prefix) + answer_ids
     pad = budget - len(ids)
     example = {
         "input_ids": np.array(ids + [vocab[PAD]] * pad, dtype=np.int64),
