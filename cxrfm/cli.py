@@ -60,6 +60,59 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from cxrfm.model.generate import GenerationOptions, Predictor, draw_boxes, load_image
+
+    if not args.image:
+        raise ConfigError("give at least one --image (the first is the frontal view, a second one the lateral)")
+    images = {"frontal": load_image(args.image[0], "--image")}
+    if len(args.image) > 1:
+        images["lateral"] = load_image(args.image[1], "second --image (lateral)")
+    if args.prior:
+        images["prior"] = load_image(args.prior, "--prior")
+    if args.task == "vqa" and not args.question:
+        raise ConfigError("--task vqa needs --question")
+    if args.task == "grounding" and not args.phrase:
+        raise ConfigError("--task grounding needs --phrase")
+    opts = GenerationOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
+                             temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    predictor = Predictor(args.checkpoint, device=args.device)
+    if args.task == "report":
+        answer = predictor.report(images, args.indication or "", opts)
+    elif args.task == "vqa":
+        answer = predictor.vqa(images, args.question, opts)
+    else:
+        answer = predictor.grounding(images, args.phrase, opts)
+    print(answer.text)
+    if args.task == "grounding":
+        for box in answer.boxes:
+            print("box x1={:.1f} y1={:.1f} x2={:.1f} y2={:.1f}".format(*box))
+        for problem in answer.problems:
+            print(f"warning: {problem}", file=sys.stderr)
+        if args.draw:
+            draw_boxes(images["frontal"], answer.boxes, args.draw)
+            print(f"drew {len(answer.boxes)} box(es) on {args.draw}")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import json as _json
+    from pathlib import Path
+
+    from cxrfm.eval.evaluate import evaluate, format_table, log_to_mlflow
+
+    export = Path(args.checkpoint)
+    if not (export / "config.json").is_file():
+        raise FileNotFoundError(f"{export} is not a cxrfm export (no config.json); pass <run>/export from cxrfm train")
+    shards = args.shards or _json.loads((export / "config.json").read_text())["config"]["data"]["shards"]
+    tasks = args.tasks.split(",")
+    metrics = evaluate(export, shards, args.split, tasks, args.limit, args.batch_size, args.device)
+    print(format_table(metrics))
+    if not args.no_mlflow:
+        print(f"logged to MLflow run {log_to_mlflow(metrics, export, args.split)}")
+    return 0
+
+
 # Command groups that live in their own modules: "module:function(subparsers)".
 COMMAND_GROUPS = ("cxrfm.jobs:add_jobs_parser", "cxrfm.plan:add_plan_parser", "cxrfm.bench:add_bench_parser")
 
@@ -90,6 +143,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_model_summary)
 
+    p = sub.add_parser("predict", help="answer one study with an exported model (report, vqa, grounding)")
+    p.add_argument("checkpoint", help="export directory written by cxrfm train (<run>/export)")
+    p.add_argument("--task", choices=["report", "vqa", "grounding"], required=True)
+    p.add_argument("--image", action="append", default=[], help="frontal image; a second --image is the lateral")
+    p.add_argument("--prior", help="frontal image of the prior study")
+    p.add_argument("--indication", help="report: the clinical indication")
+    p.add_argument("--question", help="vqa: the question")
+    p.add_argument("--phrase", help="grounding: the finding to locate")
+    p.add_argument("--draw", metavar="OUT.png", help="grounding: draw the boxes onto the frontal image")
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--num-beams", type=int, default=1)
+    p.add_argument("--sample", action="store_true", help="sample instead of greedy / beam search")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("eval", help="evaluate an export on a split: NLG + clinical, VQA, grounding metrics")
+    p.add_argument("checkpoint", help="export directory written by cxrfm train (<run>/export)")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--shards", help="shard directory (default: the one the model was trained on)")
+    p.add_argument("--tasks", default="report,vqa,grounding")
+    p.add_argument("--limit", type=int, help="evaluate the first N studies only")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-mlflow", action="store_true")
+    p.set_defaults(func=cmd_eval)
+
     for entry in COMMAND_GROUPS:
         module, func = entry.split(":")
         getattr(importlib.import_module(module), func)(sub)
@@ -98,6 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from cxrfm.data.shards import ShardError
+    from cxrfm.model.generate import ImageError
 
     args = build_parser().parse_args(argv)
     try:
@@ -105,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (FileNotFoundError, ShardError) as e:
+    except (FileNotFoundError, ShardError, ImageError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,0 +1,148 @@
+"""Generation from an exported model: report, VQA and grounding answers through transformers `generate`.
+
+The prompt is laid out exactly as in training (`cxrfm.data.samples.prompt_ids`); its `<image>` slots are
+filled with visual tokens and the whole prompt goes to `generate` as `inputs_embeds`, so decoding uses
+the KV cache of the Llama model (greedy, beam search or sampling; stops at EOS).
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from cxrfm.data.samples import ROLES, prompt_ids, report_prompt
+from cxrfm.text.tokenizer import EOS, PAD, load_tokenizer, loc_tokens_to_boxes
+
+
+@dataclass
+class GenerationOptions:
+    max_new_tokens: int = 128
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Answer:
+    text: str
+    boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # grounding, original pixels
+    problems: list[str] = field(default_factory=list)  # malformed location tokens, reported not guessed
+
+
+class ImageError(ValueError):
+    """An input image cannot be used; the message says which and why."""
+
+
+def load_image(data: bytes | str | Path | np.ndarray, what: str = "image") -> np.ndarray:
+    """PNG/JPEG bytes or path or array -> (H, W) uint8 grayscale."""
+    if isinstance(data, np.ndarray):
+        return data if data.dtype == np.uint8 else np.clip(data, 0, 255).astype(np.uint8)
+    try:
+        raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
+        with Image.open(io.BytesIO(raw)) as im:
+            return np.asarray(im.convert("L"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise ImageError(f"{what}: file {data} not found") from None
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
+        raise ImageError(f"{what}: not a readable PNG/JPEG image ({e})") from None
+
+
+class Predictor:
+    """An exported model and its tokenizer, ready to answer. No Ray or DeepSpeed needed."""
+
+    def __init__(self, export_dir: str | Path, device: str = "cpu", attn_implementation: str = "sdpa"):
+        from cxrfm.model.multitask import MultitaskModel
+
+        self.model = MultitaskModel.from_pretrained(export_dir, attn_implementation=attn_implementation).to(device).eval()
+        self.tokenizer = load_tokenizer(export_dir)
+        self.device = torch.device(device)
+        self.vocab = self.tokenizer.get_vocab()
+        self.image_size = self.model.cfg.vision.image_size
+        self.num_image_tokens = self.model.cfg.projector.num_tokens
+
+    def _resize(self, image: np.ndarray) -> np.ndarray:
+        if image.shape == (self.image_size, self.image_size):
+            return image
+        return np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR))
+
+    def _prompt(self, task: str, images: dict[str, np.ndarray], text: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+        if "frontal" not in images and "lateral" not in images:
+            raise ImageError("a study needs a frontal or a lateral image")
+        ids = prompt_ids(self.tokenizer, list(images), task, text, self.num_image_tokens)
+        stack = np.zeros((len(ROLES), self.image_size, self.image_size), np.uint8)
+        present = np.zeros(len(ROLES), bool)
+        for i, role in enumerate(ROLES):
+            if role in images:
+                stack[i], present[i] = self._resize(images[role]), True
+        return ids, stack, present
+
+    @torch.no_grad()
+    def generate_batch(self, requests: list[dict], options: GenerationOptions | None = None) -> list[Answer]:
+        """requests: [{"task", "images": {role: array}, "text": prompt text}] -> answers, in order.
+
+        Prompts are left-padded so that every row's answer starts at the same position."""
+        opts = options or GenerationOptions()
+        prompts = [self._prompt(r["task"], r["images"], r.get("text", "")) for r in requests]
+        width = max(len(p[0]) for p in prompts)
+        pad = self.vocab[PAD]
+        ids = torch.tensor([[pad] * (width - len(p[0])) + p[0] for p in prompts], device=self.device)
+        mask = torch.tensor([[0] * (width - len(p[0])) + [1] * len(p[0]) for p in prompts], device=self.device)
+        images = torch.as_tensor(np.stack([p[1] for p in prompts]), device=self.device)
+        present = torch.as_tensor(np.stack([p[2] for p in prompts]), device=self.device)
+        embeds = self.model.embed(ids, images, present)  # (B, T, D)
+        if opts.seed is not None:
+            torch.manual_seed(opts.seed)
+        out = self.model.language.generate(
+            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=opts.max_new_tokens,
+            num_beams=opts.num_beams, do_sample=opts.do_sample, temperature=opts.temperature, top_p=opts.top_p,
+            eos_token_id=self.vocab[EOS], pad_token_id=pad, use_cache=True,
+        )  # (B, new tokens): with only inputs_embeds, generate returns the continuation alone
+        answers, eos = [], self.vocab[EOS]
+        for r, row in zip(requests, out.tolist()):
+            if eos in row:
+                row = row[: row.index(eos)]
+            text = self.tokenizer.decode(row, skip_special_tokens=False).replace(PAD, "").strip()
+            answers.append(self._finish(r, text))
+        return answers
+
+    def _finish(self, request: dict, text: str) -> Answer:
+        if request["task"] != "grounding":
+            return Answer(text)
+        ref = request["images"].get("frontal", request["images"].get("lateral"))
+        height, width = ref.shape
+        boxes, problems = loc_tokens_to_boxes(text, width, height)
+        if not boxes and not problems:
+            problems.append("the answer holds no location tokens")
+        return Answer(text, boxes, problems)
+
+    # ---- one-call helpers per task -----------------------------------------------------------
+    def report(self, images: dict[str, np.ndarray], indication: str = "", options: GenerationOptions | None = None) -> Answer:
+        return self.generate_batch([{"task": "report", "images": images,
+                                     "text": report_prompt(indication, "prior" in images)}], options)[0]
+
+    def vqa(self, images: dict[str, np.ndarray], question: str, options: GenerationOptions | None = None) -> Answer:
+        if not question.strip():
+            raise ValueError("vqa needs a question")
+        return self.generate_batch([{"task": "vqa", "images": images, "text": question}], options)[0]
+
+    def grounding(self, images: dict[str, np.ndarray], phrase: str, options: GenerationOptions | None = None) -> Answer:
+        if not phrase.strip():
+            raise ValueError("grounding needs a phrase")
+        return self.generate_batch([{"task": "grounding", "images": images, "text": phrase}], options)[0]
+
+
+def draw_boxes(image: np.ndarray, boxes: list[tuple[float, float, float, float]], path: str | Path) -> None:
+    from PIL import ImageDraw
+
+    canvas = Image.fromarray(image).convert("RGB")
+    draw = ImageDraw.Draw(canvas)
+    for x1, y1, x2, y2 in boxes:
+        draw.rectangle((x1, y1, x2, y2), outline=(255, 0, 0), width=max(1, image.shape[0] // 128))
+    canvas.save(path)
