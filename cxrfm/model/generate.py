@@ -34,6 +34,7 @@ class Answer:
     text: str
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # grounding, original pixels
     problems: list[str] = field(default_factory=list)  # malformed location tokens, reported not guessed
+    tokens: int = 0  # generated tokens, EOS excluded
 
 
 class ImageError(ValueError):
@@ -108,8 +109,10 @@ class Predictor:
         for r, row in zip(requests, out.tolist()):
             if eos in row:
                 row = row[: row.index(eos)]
-            text = self.tokenizer.decode(row, skip_special_tokens=False).replace(PAD, "").strip()
-            answers.append(self._finish(r, text))
+            row = [t for t in row if t != pad]  # rows that stopped early are padded to the longest
+            answer = self._finish(r, self.tokenizer.decode(row, skip_special_tokens=False).strip())
+            answer.tokens = len(row)
+            answers.append(answer)
         return answers
 
     def _finish(self, request: dict, text: str) -> Answer:
