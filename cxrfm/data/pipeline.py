@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 
 from cxrfm.config import Config
-from cxrfm.data.samples import LM_TASKS, ROLES, SampleSpec, choose_task, decode_image, encode_example
+from cxrfm.data.samples import ALL_TASKS, ROLES, SampleSpec, choose_task, decode_image, encode_example
 from cxrfm.data.schema import Study
 from cxrfm.data.shards import shard_paths
 
 SKIP_REASONS = ("ok", "bad_json", "corrupt_image", "missing_image", "no_task")
-TASK_IDS = {t: i for i, t in enumerate(LM_TASKS)}
+TASK_IDS = {t: i for i, t in enumerate(ALL_TASKS)}
 
 
 class StudyToExample:

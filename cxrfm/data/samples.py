@@ -21,7 +21,8 @@ from cxrfm.data.schema import Study
 from cxrfm.text.tokenizer import BOS, EOS, IMAGE, PAD, ROLE_TOKENS, TASK_TOKENS, box_to_loc_tokens
 
 ROLES: tuple[str, ...] = ("frontal", "lateral", "prior")
-LM_TASKS: tuple[str, ...] = ("report", "vqa", "grounding")
+LM_TASKS: tuple[str, ...] = ("report", "vqa", "grounding")  # answers are text: the LM loss covers them
+ALL_TASKS: tuple[str, ...] = LM_TASKS + ("generate",)  # generate: report text in, frontal image out
 IGNORE = -100
 
 
@@ -41,12 +42,14 @@ def available_tasks(study: Study) -> list[str]:
         tasks.append("vqa")
     if study.grounding and study.image("frontal") is not None:
         tasks.append("grounding")
+    if study.report and study.image("frontal") is not None:
+        tasks.append("generate")
     return tasks
 
 
 def choose_task(study: Study, weights: dict[str, float], rng: np.random.Generator) -> tuple[str | None, bool]:
     """Draw a task from the mixture among those this study can serve. Returns (task, fell_back)."""
-    wanted = [t for t in LM_TASKS if weights.get(t, 0) > 0]
+    wanted = [t for t in ALL_TASKS if weights.get(t, 0) > 0]
     p = np.array([weights[t] for t in wanted], dtype=np.float64)
     first = wanted[rng.choice(len(wanted), p=p / p.sum())]
     can = [t for t in wanted if t in available_tasks(study)]
@@ -74,7 +77,9 @@ def prompt_and_answer(study: Study, task: str, rng: np.random.Generator) -> tupl
         ref = study.image(gp.image_role)
         locs = "".join(box_to_loc_tokens((b.x1, b.y1, b.x2, b.y2), ref.width, ref.height) for b in gp.boxes)
         return gp.phrase, locs
-    raise ValueError(f"task {task!r} is not a language-model task; allowed: {list(LM_TASKS)}")
+    if task == "generate":
+        return study.report, ""  # the LM reads the report; the diffusion decoder draws the frontal image
+    raise ValueError(f"unknown task {task!r}; allowed: {list(ALL_TASKS)}")
 
 
 def prompt_ids(tokenizer, roles: list[str], task: str, prompt: str, num_image_tokens: int) -> list[int]:
@@ -113,13 +118,19 @@ def encode_example(study: Study, task: str, images: dict[str, np.ndarray], token
     vocab = tokenizer.get_vocab()
     present = np.zeros(len(ROLES), dtype=bool)
     stack = np.zeros((len(ROLES), spec.image_size, spec.image_size), dtype=np.uint8)
-    for i, role in enumerate(ROLES):
-        if role in images:
-            present[i] = True
-            stack[i] = augment(images[role], rng) if spec.augment else images[role]
-    prefix = prompt_ids(tokenizer, list(images), task, prompt, spec.num_image_tokens)
+    if task == "generate":
+        # The target image rides in slot 0 with image_present all False: the LM sees text only.
+        stack[0] = images["frontal"]
+        roles, answer_ids = [], []
+    else:
+        for i, role in enumerate(ROLES):
+            if role in images:
+                present[i] = True
+                stack[i] = augment(images[role], rng) if spec.augment else images[role]
+        roles = list(images)
+        answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [vocab[EOS]]
+    prefix = prompt_ids(tokenizer, roles, task, prompt, spec.num_image_tokens)
     head_len = len(prefix) - len(tokenizer.encode(prompt, add_special_tokens=False))
-    answer_ids = tokenizer.encode(answer, add_special_tokens=False) + [vocab[EOS]]
 
     # Keep every image token and the answer's start; cut the prompt text first, then the answer's tail.
     budget = spec.max_seq_len
