@@ -94,7 +94,11 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     from cxrfm.train.loop import train_loop_per_worker
     from cxrfm.train.tracking import flatten, tracking_uri
 
-    out = Path(cfg.train.output_dir).resolve()
+    # Ray workers do not share the driver's working directory: every path they get is absolute.
+    cfg = cfg.model_copy(deep=True)
+    cfg.data.shards = str(Path(cfg.data.shards).resolve())
+    cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())
+    out = Path(cfg.train.output_dir)
     run_name = resume or cfg.tracking.run_name or f"{cfg.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = out / run_name
     storage = out / "ray"

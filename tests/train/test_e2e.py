@@ -19,7 +19,9 @@ import torch
 pytestmark = pytest.mark.slow
 
 
-def _train(shards: Path, out: Path, *overrides: str, resume: str | None = None, wait: bool = True):
+def _train(shards: Path, out: Path, *overrides: str, resume: str | None = None, wait: bool = True, cwd: Path | None = None):
+    if cwd is not None:  # paths relative to the working directory, as a user types them
+        shards, out = Path(os.path.relpath(shards, cwd)), Path(os.path.relpath(out, cwd))
     cmd = [sys.executable, "-m", "cxrfm.cli", "train", "--no-progress",
            "--set", f"data.shards={shards}", "--set", f"train.output_dir={out}",
            "--set", "train.log_every=5", "--set", "train.micro_batch_size=4"]
@@ -29,7 +31,7 @@ def _train(shards: Path, out: Path, *overrides: str, resume: str | None = None, 
         cmd += ["--resume", resume]
     env = {**os.environ, "RAY_ADDRESS": ""}
     env.pop("RAY_ADDRESS")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env, cwd=cwd)
     if not wait:
         return proc
     output, _ = proc.communicate(timeout=600)
@@ -58,8 +60,9 @@ def trained(small_shards, tmp_path_factory):
     def get(stage: int) -> tuple[Path, str]:
         if stage not in runs:
             out = tmp_path_factory.mktemp(f"zero{stage}")
+            # ZeRO-3 runs with relative paths from another working directory, as `cxrfm train` in a shell does
             output = _train(small_shards, out, f"deepspeed.stage={stage}", "train.max_steps=40",
-                            "train.checkpoint_every=20", "train.warmup_steps=5")
+                            "train.checkpoint_every=20", "train.warmup_steps=5", cwd=out.parent if stage == 3 else None)
             runs[stage] = (out, output)
         return runs[stage]
 
