@@ -113,6 +113,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_generate_image(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    from cxrfm.model.generate import Predictor
+
+    predictor = Predictor(args.checkpoint, device=args.device)
+    image = predictor.generate_image(args.text, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    Image.fromarray(image).save(args.out)
+    print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, seed {args.seed})")
+    return 0
+
+
 # Command groups that live in their own modules: "module:function(subparsers)".
 COMMAND_GROUPS = ("cxrfm.jobs:add_jobs_parser", "cxrfm.plan:add_plan_parser", "cxrfm.bench:add_bench_parser")
 
@@ -161,6 +173,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_predict)
 
+    p = sub.add_parser("generate-image", help="text-to-CXR with the diffusion decoder of an export")
+    p.add_argument("checkpoint", help="export directory written by cxrfm train (<run>/export)")
+    p.add_argument("text", help='report text, e.g. "Moderate right pleural effusion. Heart size normal."')
+    p.add_argument("--out", required=True, help="PNG to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, help="sampling steps (default: model.diffusion.sample_steps)")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: model.diffusion.guidance_scale)")
+    p.add_argument("--device", default="cpu")
+    p.set_defaults(func=cmd_generate_image)
+
     p = sub.add_parser("eval", help="evaluate an export on a split: NLG + clinical, VQA, grounding metrics")
     p.add_argument("checkpoint", help="export directory written by cxrfm train (<run>/export)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
@@ -189,6 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ShardError, ImageError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # bad arguments that only the model can judge (e.g. no diffusion decoder)
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ Unknown keys and bad values fail here, before any work starts, naming the key an
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal
@@ -90,10 +91,87 @@ class LanguageConfig(_Section):
         return self
 
 
+_KEY = "model.diffusion"
+
+
+class DiffusionConfig(_Section):
+    """Text-to-CXR diffusion decoder (cxrfm/model/diffusion.py); off unless enabled."""
+
+    enabled: bool = False
+    backbone: Literal["unet", "dit"] = "unet"
+    image_size: int = Field(32, ge=8, description="pixel side of generated images")
+    # Latent diffusion: a frozen AutoencoderKL maps (S, S) pixels to (vae_channels, S/d, S/d) latents.
+    latent: bool = False
+    vae_channels: int = Field(4, ge=1)
+    vae_downsample: int = Field(8, ge=2, description="pixel side / latent side; a power of 2")
+    vae_block_out_channels: list[int] = Field(default_factory=lambda: [128, 256, 512, 512],
+                                              description="VAE built from config: one entry per level")
+    vae_path: str | None = Field(None, description="local diffusers AutoencoderKL directory (config + weights)")
+    # UNet
+    block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
+    layers_per_block: int = Field(1, ge=1)
+    attention_head_dim: int = Field(8, ge=1, description="channels per attention head (unet and dit)")
+    # DiT (PixArt-style transformer: patchify, adaLN-single timestep, cross-attention to the text)
+    dit_hidden_size: int = Field(64, ge=8)
+    dit_layers: int = Field(2, ge=1)
+    dit_patch_size: int = Field(2, ge=1)
+    # Noise schedule and sampling
+    num_train_timesteps: int = Field(1000, ge=10)
+    sampler: Literal["ddim", "dpm"] = "ddim"
+    sample_steps: int = Field(25, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)
+    cond_dropout: float = Field(0.1, ge=0, le=1)
+    loss_weight: float = Field(1.0, ge=0)
+    max_text_tokens: int = Field(64, ge=1, description="report tokens the decoder attends to")
+
+    @property
+    def sample_side(self) -> int:
+        """Side of what the denoiser sees: pixels, or latents."""
+        return self.image_size // self.vae_downsample if self.latent else self.image_size
+
+    @property
+    def sample_channels(self) -> int:
+        return self.vae_channels if self.latent else 1
+
+    @model_validator(mode="after")
+    def _shapes(self) -> "DiffusionConfig":
+        if self.latent:
+            d = self.vae_downsample
+            if d & (d - 1):
+                raise ValueError(f"{_KEY}.vae_downsample ({d}) must be a power of 2")
+            if self.image_size % d:
+                raise ValueError(f"{_KEY}.image_size ({self.image_size}) must be a multiple of {_KEY}.vae_downsample ({d})")
+            if self.vae_path is None and len(self.vae_block_out_channels) != int(math.log2(d)) + 1:
+                raise ValueError(f"{_KEY}.vae_block_out_channels needs log2(vae_downsample) + 1 = {int(math.log2(d)) + 1} "
+                                 f"entries (one per VAE level), got {len(self.vae_block_out_channels)}")
+            if self.vae_path is None and any(c % 4 for c in self.vae_block_out_channels):
+                raise ValueError(f"{_KEY}.vae_block_out_channels must be multiples of 4 (GroupNorm)")
+        side, h = self.sample_side, self.attention_head_dim
+        if self.backbone == "unet":
+            ch = self.block_out_channels
+            if not ch or any(c <= 0 for c in ch):
+                raise ValueError(f"{_KEY}.block_out_channels needs at least one positive entry")
+            down = 2 ** (len(ch) - 1)
+            if side % down:
+                what = f"latent side image_size/vae_downsample ({side})" if self.latent else f"image_size ({side})"
+                raise ValueError(f"{_KEY}.image_size: the {what} must be divisible by 2**(len({_KEY}.block_out_channels)-1) = {down}")
+            if any(c % h for c in ch):
+                raise ValueError(f"{_KEY}.block_out_channels ({ch}) must be multiples of {_KEY}.attention_head_dim ({h})")
+            if math.gcd(32, *ch) < 4:
+                raise ValueError(f"{_KEY}.block_out_channels ({ch}) must share a factor of at least 4 (GroupNorm groups)")
+        else:
+            if self.dit_hidden_size % h:
+                raise ValueError(f"{_KEY}.dit_hidden_size ({self.dit_hidden_size}) must be a multiple of {_KEY}.attention_head_dim ({h})")
+            if side % self.dit_patch_size:
+                raise ValueError(f"{_KEY}.dit_patch_size ({self.dit_patch_size}) must divide the denoised side ({side})")
+        return self
+
+
 class ModelConfig(_Section):
     vision: VisionConfig = Field(default_factory=VisionConfig)
     projector: ProjectorConfig = Field(default_factory=ProjectorConfig)
     language: LanguageConfig = Field(default_factory=LanguageConfig)
+    diffusion: DiffusionConfig = Field(default_factory=DiffusionConfig)
     attention: Literal["auto", "sdpa", "eager", "triton", "flash_attn", "xformers"] = "sdpa"
     # Our Triton kernels in place of Llama's RMSNorm and of lm_head + cross-entropy (GPU, or the
     # Triton interpreter in tests).
@@ -176,6 +254,8 @@ class Config(_Section):
         if self.data.max_seq_len < need:
             raise ValueError(f"data.max_seq_len ({self.data.max_seq_len}) is too short for 3 images of {p} visual tokens; use at least {need}")
         m = self.model
+        if self.data.tasks.get("generate", 0) > 0 and not m.diffusion.enabled:
+            raise ValueError("data.tasks has 'generate' but model.diffusion.enabled is false; enable the decoder or drop the task")
         if (m.fused_rmsnorm or m.fused_cross_entropy) and not self.train.use_gpu and os.environ.get("TRITON_INTERPRET") != "1":
             raise ValueError("model.fused_rmsnorm / model.fused_cross_entropy are Triton GPU kernels: set train.use_gpu=true, "
                              "or set them to false on CPU")

@@ -7,6 +7,7 @@ with `valid = 0` and a `skip_code`, and the training loop counts them and leaves
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from pathlib import Path
@@ -86,6 +87,18 @@ class StudyToExample:
         return result
 
 
+@functools.lru_cache(maxsize=4)
+def _mapper(tokenizer_dir: str, spec: SampleSpec, weights: tuple, seed: int) -> StudyToExample:
+    return StudyToExample(tokenizer_dir, spec, dict(weights), seed)
+
+
+def map_studies(batch: dict[str, np.ndarray], tokenizer_dir: str, spec: SampleSpec, weights: tuple, seed: int) -> dict:
+    """map_batches task. A task, not an actor pool: Ray reuses its worker processes across epochs, where a
+    new actor per epoch costs a process start and the torch/transformers imports every time. The mapper
+    (tokenizer loaded once) is cached per worker process."""
+    return _mapper(tokenizer_dir, spec, weights, seed)(batch)
+
+
 def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool):
     """A streaming Ray Dataset of fixed-shape examples, and the samples excluded before reading."""
     import ray.data
@@ -95,8 +108,9 @@ def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool)
     spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, num_image_tokens, augment)
     ds = ray.data.read_webdataset(paths, decoder=None, shuffle="files" if augment else None, num_cpus=0.25)
     ds = ds.map_batches(
-        StudyToExample,
-        fn_constructor_args=(str(shards / "tokenizer"), spec, dict(cfg.data.tasks), cfg.data.seed),
-        batch_size=32, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.25,
+        map_studies,
+        fn_kwargs={"tokenizer_dir": str(shards / "tokenizer"), "spec": spec,
+                   "weights": tuple(sorted(cfg.data.tasks.items())), "seed": cfg.data.seed},
+        batch_size=32, batch_format="numpy", num_cpus=0.25,
     )
     return ds, skipped

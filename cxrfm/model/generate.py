@@ -125,6 +125,25 @@ class Predictor:
             problems.append("the answer holds no location tokens")
         return Answer(text, boxes, problems)
 
+    @torch.no_grad()
+    def generate_image(self, text: str, seed: int = 0, steps: int | None = None,
+                       guidance: float | None = None) -> np.ndarray:
+        """Text-to-CXR: the LM reads the report text (no image), the diffusion decoder draws (S, S) uint8."""
+        from cxrfm.model.diffusion import pack_tokens
+
+        if self.model.diffusion is None:
+            raise ValueError("this model has no diffusion decoder (it was trained with model.diffusion.enabled=false)")
+        if not text.strip():
+            raise ValueError("generate needs a report text")
+        ids = torch.tensor([prompt_ids(self.tokenizer, [], "generate", text, self.num_image_tokens)], device=self.device)
+        mask = torch.ones_like(ids)
+        embeds = self.model.language.get_input_embeddings()(ids)
+        hidden = self.model.language.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (1, T, D)
+        cond, cond_mask = pack_tokens(hidden, mask.bool(), self.model.cfg.diffusion.max_text_tokens)
+        generator = torch.Generator(device=self.device).manual_seed(seed)
+        image = self.model.diffusion.sample(cond, cond_mask, num_steps=steps, guidance_scale=guidance, generator=generator)
+        return image[0].cpu().numpy()
+
     # ---- one-call helpers per task -----------------------------------------------------------
     def report(self, images: dict[str, np.ndarray], indication: str = "", options: GenerationOptions | None = None) -> Answer:
         return self.generate_batch([{"task": "report", "images": images,

@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from cxrfm.config import Config, ModelConfig, config_from_dict
-from cxrfm.data.samples import IGNORE, LM_TASKS
+from cxrfm.data.samples import ALL_TASKS, IGNORE, LM_TASKS
+from cxrfm.model.diffusion import DiffusionDecoder, pack_tokens
 from cxrfm.model.heads import LMHead, swap_rmsnorm
 from cxrfm.model.language import build_language_model
 from cxrfm.model.projector import Projector
@@ -44,6 +45,8 @@ class MultitaskModel(nn.Module):
         self.language.lm_head = head
         if cfg.fused_rmsnorm:
             swap_rmsnorm(self.language)
+        # Text-to-CXR: a diffusion decoder conditioned on the LM's hidden states of the report text.
+        self.diffusion = DiffusionDecoder(cfg.diffusion, cfg.language.hidden_size) if cfg.diffusion.enabled else None
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.language.hidden_size)
 
     def enable_activation_checkpointing(self) -> None:
@@ -87,7 +90,21 @@ class MultitaskModel(nn.Module):
         n_tok = counted.sum()
         out["loss"] = total / n_tok.clamp(min=1)
         out["tokens"] = n_tok
+        if self.diffusion is not None:
+            out["loss"] = out["loss"] + self._generate_loss(hidden, attention_mask, images, task, out)
         return out
+
+    def _generate_loss(self, hidden, attention_mask, images, task, out: dict) -> torch.Tensor:
+        """Diffusion loss of the `generate` rows. Their prompt is text only (no image placeholders), so the
+        condition cannot have seen the target image. The decoder runs on every step, even with no such
+        row (it then returns 0 x a dummy loss): ZeRO-3 gathers its weights collectively on all ranks."""
+        gen = task == ALL_TASKS.index("generate")  # (B,)
+        cond, cond_mask = pack_tokens(hidden[gen], attention_mask[gen].bool(), self.cfg.diffusion.max_text_tokens)
+        loss = self.diffusion(images[gen][:, 0], cond, cond_mask)  # mean epsilon MSE, fp32
+        n = gen.sum()
+        out["loss_sum/generate"] = loss.detach() * n
+        out["tokens/generate"] = n
+        return self.cfg.diffusion.loss_weight * loss
 
     # ---- transformers-style persistence -------------------------------------------------------
     def save_pretrained(self, path: str | Path, full_config: Config | None = None, tokenizer=None,

@@ -20,7 +20,7 @@ import yaml
 
 from cxrfm.config import config_from_dict
 from cxrfm.data.pipeline import SKIP_REASONS
-from cxrfm.data.samples import LM_TASKS
+from cxrfm.data.samples import ALL_TASKS, LM_TASKS
 
 TAG_PREFIX = "step"
 
@@ -54,7 +54,8 @@ def _export(engine, cfg, tokenizer, out_dir: Path, rank: int) -> None:
 class _Window:
     """Sums over the steps since the last log line, reduced across ranks when logged."""
 
-    KEYS = ([f"loss_sum/{t}" for t in LM_TASKS] + [f"tokens/{t}" for t in LM_TASKS]
+    # tokens/generate counts images (its loss is a per-image diffusion MSE, not a token cross-entropy)
+    KEYS = ([f"loss_sum/{t}" for t in ALL_TASKS] + [f"tokens/{t}" for t in ALL_TASKS]
             + ["samples", "truncated", "wait_s", "step_s"] + [f"skipped/{r}" for r in SKIP_REASONS[1:]])
 
     def __init__(self):
@@ -127,9 +128,9 @@ def train_loop_per_worker(config: dict) -> None:
             boundary = engine.is_gradient_accumulation_boundary()  # before step() advances the micro-step
             engine.backward(result["loss"])
             engine.step()
-            for name in LM_TASKS:  # every micro-batch counts, not only the last of an accumulation
-                window.sums[f"loss_sum/{name}"] += float(result[f"loss_sum/{name}"])
-                window.sums[f"tokens/{name}"] += float(result[f"tokens/{name}"])
+            for name in ALL_TASKS:  # every micro-batch counts, not only the last of an accumulation
+                window.sums[f"loss_sum/{name}"] += float(result.get(f"loss_sum/{name}", 0.0))
+                window.sums[f"tokens/{name}"] += float(result.get(f"tokens/{name}", 0))
             window.sums["samples"] += int((skip == 0).sum())
             window.sums["truncated"] += int(truncated.sum())
             window.sums["wait_s"] += t_got - t_wait
@@ -144,8 +145,8 @@ def train_loop_per_worker(config: dict) -> None:
                 now = time.perf_counter()
                 elapsed = now - last_log
                 tokens = sum(s[f"tokens/{t}"] for t in LM_TASKS)
-                metrics = {f"loss/{t}": s[f"loss_sum/{t}"] / s[f"tokens/{t}"] for t in LM_TASKS if s[f"tokens/{t}"] > 0}
-                metrics.update({
+                metrics = {f"loss/{t}": s[f"loss_sum/{t}"] / s[f"tokens/{t}"] for t in ALL_TASKS if s[f"tokens/{t}"] > 0}
+                metrics.update({  # "loss": the answer-token cross-entropy of the language tasks
                     "loss": sum(s[f"loss_sum/{t}"] for t in LM_TASKS) / max(tokens, 1),
                     "lr": scheduler.get_last_lr()[0],
                     "samples_per_s": s["samples"] / elapsed,
