@@ -106,7 +106,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"{export} is not a cxrfm export (no config.json); pass <run>/export from cxrfm train")
     shards = args.shards or _json.loads((export / "config.json").read_text())["config"]["data"]["shards"]
     tasks = args.tasks.split(",")
-    metrics = evaluate(export, shards, args.split, tasks, args.limit, args.batch_size, args.device)
+    if args.classifier is None and "generate" in tasks:
+        tasks.remove("generate")
+        print("note: generate is not scored without --classifier (train one: cxrfm classifier train SHARDS --out clf.pt)")
+    metrics = evaluate(export, shards, args.split, tasks, args.limit, args.batch_size, args.device,
+                       classifier=args.classifier, image_steps=args.image_steps)
     print(format_table(metrics))
     if not args.no_mlflow:
         print(f"logged to MLflow run {log_to_mlflow(metrics, export, args.split)}")
@@ -122,6 +126,14 @@ def cmd_generate_image(args: argparse.Namespace) -> int:
     image = predictor.generate_image(args.text, seed=args.seed, steps=args.steps, guidance=args.guidance)
     Image.fromarray(image).save(args.out)
     print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, seed {args.seed})")
+    return 0
+
+
+def cmd_classifier_train(args: argparse.Namespace) -> int:
+    from cxrfm.eval.image_classifier import train_classifier
+
+    path = train_classifier(args.shards, args.out, epochs=args.epochs)
+    print(f"wrote {path}; score generated images with: cxrfm eval EXPORT --classifier {path}")
     return 0
 
 
@@ -187,12 +199,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="export directory written by cxrfm train (<run>/export)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--shards", help="shard directory (default: the one the model was trained on)")
-    p.add_argument("--tasks", default="report,vqa,grounding")
+    p.add_argument("--tasks", default="report,vqa,grounding,generate")
+    p.add_argument("--classifier", help="finding classifier that scores generated images (cxrfm classifier train)")
+    p.add_argument("--image-steps", type=int, help="diffusion sampling steps for the generate task")
     p.add_argument("--limit", type=int, help="evaluate the first N studies only")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-mlflow", action="store_true")
     p.set_defaults(func=cmd_eval)
+
+    clf = sub.add_parser("classifier", help="the finding classifier that scores generated images")
+    p = clf.add_subparsers(dest="classifier_cmd", required=True).add_parser("train", help="train it on a shard directory")
+    p.add_argument("shards")
+    p.add_argument("--out", required=True)
+    p.add_argument("--epochs", type=int, default=8)
+    p.set_defaults(func=cmd_classifier_train)
 
     for entry in COMMAND_GROUPS:
         module, func = entry.split(":")

@@ -21,7 +21,7 @@ from cxrfm.data.schema import Study
 from cxrfm.data.shards import load_manifest
 from cxrfm.model.generate import GenerationOptions, Predictor, load_image
 
-EVAL_TASKS = ("report", "vqa", "grounding")
+EVAL_TASKS = ("report", "vqa", "grounding", "generate")
 
 
 def iter_split(shards: str | Path, split: str, limit: int | None = None) -> Iterator[tuple[Study, dict[str, np.ndarray]]]:
@@ -69,7 +69,8 @@ def _batched(items: list, size: int) -> Iterator[list]:
 
 def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", tasks=EVAL_TASKS,
              limit: int | None = None, batch_size: int = 16, device: str = "cpu",
-             options: GenerationOptions | None = None) -> dict[str, float]:
+             options: GenerationOptions | None = None, classifier: str | Path | None = None,
+             image_steps: int | None = None) -> dict[str, float]:
     predictor = Predictor(export_dir, device=device)
     options = options or GenerationOptions(max_new_tokens=160)
     studies = list(iter_split(shards, split, limit))
@@ -118,7 +119,25 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
             metrics[f"grounding/miou/{k}"] = float(np.mean(v))
             metrics[f"grounding/acc@0.5/{k}"] = float(np.mean([x >= 0.5 for x in v]))
         metrics["grounding/malformed_answers"] = malformed
+
+    if "generate" in tasks and predictor.model.diffusion is not None:
+        if classifier is None:
+            raise ValueError("the generate task is scored by a finding classifier: pass --classifier PATH "
+                             "(train one with: cxrfm classifier train SHARDS --out PATH) or drop generate from --tasks")
+        from cxrfm.eval.image_classifier import load_classifier, score_images
+
+        clf = load_classifier(classifier)
+        items = [(s, ims) for s, ims in studies if s.report and "frontal" in ims]
+        generated = np.stack([predictor.generate_image(s.report, seed=i, steps=image_steps) for i, (s, _) in enumerate(items)])
+        real = np.stack([np.asarray(_resize(ims["frontal"], generated.shape[-1])) for _, ims in items])
+        metrics.update(score_images(clf, generated, [s.labels for s, _ in items], real))
     return metrics
+
+
+def _resize(image: np.ndarray, side: int) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
 
 
 def _report_prompt(study: Study) -> str:

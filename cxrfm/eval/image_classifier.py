@@ -4,7 +4,7 @@ Does a generated image show what the prompt asked for? The classifier predicts t
 image; against the labels of the prompt's report we report agreement and AUROC. Its penultimate features
 give a Fréchet distance between generated and real test images. This is NOT Inception-FID: the feature
 space is this classifier's, trained on our own data, so numbers are comparable only between runs that
-use the same classifier file. It is trained by `cxrfm eval train-classifier`, never downloaded.
+use the same classifier file. It is trained by `cxrfm classifier train`, never downloaded.
 """
 
 from __future__ import annotations
@@ -82,7 +82,7 @@ def train_classifier(shards: str | Path, out: str | Path, epochs: int = 8, image
 def load_classifier(path: str | Path) -> FindingClassifier:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no finding classifier at {path}; train one with: cxrfm eval train-classifier SHARDS --out {path}")
+        raise FileNotFoundError(f"no finding classifier at {path}; train one with: cxrfm classifier train SHARDS --out {path}")
     blob = torch.load(path, map_location="cpu", weights_only=True)
     model = FindingClassifier(blob["image_size"])
     model.load_state_dict(blob["state_dict"])
@@ -93,8 +93,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """Fréchet distance between Gaussians fitted to two feature sets (n, C)."""
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = linalg.sqrtm(cov_a @ cov_b, disp=False)
-    covmean = covmean.real
+    covmean = np.real(linalg.sqrtm(cov_a @ cov_b))
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a + cov_b - 2 * covmean))
 
 

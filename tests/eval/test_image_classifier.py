@@ -32,5 +32,5 @@ def test_trained_classifier_scores_real_images_better_than_noise(small_shards, t
     assert on_real["generate/frechet_classifier_features"] < 1e-3 < on_noise["generate/frechet_classifier_features"]
     assert on_real["generate/label_agreement"] > on_noise["generate/label_agreement"] - 0.05
     assert len(SCORED) == 8
-    with pytest.raises(FileNotFoundError, match="train-classifier"):
+    with pytest.raises(FileNotFoundError, match="cxrfm classifier train"):
         load_classifier(tmp_path / "missing.pt")

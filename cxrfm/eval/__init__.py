@@ -1,0 +1,1 @@
+"""Evaluation of an exported model: report NLG and clinical-efficacy metrics, VQA, grounding."""
