@@ -1,0 +1,381 @@
+"""Kubernetes side of `cxrfm jobs`: a job spec becomes a KubeRay `RayJob` (ray.io/v1) plus the
+ConfigMap that carries the spec, created and watched with the kubernetes Python client.
+
+The spec travels in a ConfigMap (mounted on the Ray head where the entrypoint runs) rather than being
+read from the image, so the job runs exactly the YAML that was submitted, not whatever copy the image
+was built with. The ConfigMap is owned by the RayJob, so deleting the job deletes it.
+
+Every failure a user can hit (no kubeconfig, unreachable server, no KubeRay CRDs, missing or forbidden
+namespace, name clash) becomes a `KubeError` with one line saying what to do.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import secrets
+import shlex
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cxrfm.config import Config, ConfigError
+
+GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayjobs", "RayJob"
+RAY_VERSION = "2.60.0"  # the Ray in cluster/Dockerfile; KubeRay uses it to pick head/worker commands
+DEFAULT_IMAGE = "ghcr.io/cxrfm/cxrfm:0.1.0"  # built from cluster/Dockerfile
+SPEC_DIR = "/etc/cxrfm/jobs"  # where the spec ConfigMap is mounted on the head
+SHARED_MOUNT = "/mnt/cxrfm"  # the shared volume for shards and checkpoints (cluster/README.md)
+KUBERAY_HINT = ("install the KubeRay operator first: helm install kuberay-operator kuberay/kuberay-operator "
+                "--version 1.7.0 (https://docs.ray.io/en/latest/cluster/kubernetes/getting-started.html)")
+# GPU feature discovery labels nodes with the product name; `cxrfm plan` names map onto them.
+GPU_PRODUCTS = {
+    "h100-80gb": "NVIDIA-H100-80GB-HBM3", "h200-141gb": "NVIDIA-H200",
+    "a100-80gb": "NVIDIA-A100-SXM4-80GB", "a100-40gb": "NVIDIA-A100-SXM4-40GB", "l4-24gb": "NVIDIA-L4",
+}
+# Writable places for a read-only root filesystem: Ray's session dir, compiler and kernel caches.
+RAY_ENV = [
+    {"name": "HOME", "value": "/tmp"},
+    {"name": "XDG_CACHE_HOME", "value": "/tmp/cache"},
+    {"name": "TRITON_CACHE_DIR", "value": "/tmp/triton"},
+    {"name": "TORCH_EXTENSIONS_DIR", "value": "/tmp/torch_extensions"},
+]
+
+
+class KubeError(RuntimeError):
+    """A Kubernetes problem the user can fix; the message is one line saying how."""
+
+
+def job_name(cfg: Config) -> str:
+    """DNS-1123 name, unique per submission. KubeRay derives longer names (cluster, head service) from
+    it, so it stays at 46 characters or fewer."""
+    slug = re.sub(r"[^a-z0-9-]+", "-", cfg.job.name.lower()).strip("-")[:40].strip("-") or "cxrfm"
+    return f"{slug}-{secrets.token_hex(3)[:5]}"
+
+
+# Commands that read a job spec: the spec's path and the --set overrides are appended to them.
+SPEC_COMMANDS = ("cxrfm train", "cxrfm data build")
+
+
+def entrypoint(cfg: Config, spec_path: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
+    """The shell command the job runs.
+
+    `job.entrypoint` may be a template with `{spec}` (the spec's path where the job runs) and
+    `{overrides}` (the `--set` items); a bare `cxrfm train` / `cxrfm data build` gets both appended;
+    any other command runs as written (e.g. `cxrfm eval <export>`), so overrides would be lost."""
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in overrides)
+    command = cfg.job.entrypoint.strip()
+    if "{spec}" in command or "{overrides}" in command:
+        if overrides and "{overrides}" not in command:
+            raise ConfigError(f"job.entrypoint {command!r} has no {{overrides}} slot, so --set would be lost; "
+                              "add it or put the values in the spec")
+        return command.replace("{spec}", shlex.quote(spec_path)).replace("{overrides}", sets).strip()
+    words = command.split()
+    if any(words[:len(c.split())] == c.split() for c in SPEC_COMMANDS):
+        return " ".join(filter(None, [command, shlex.quote(spec_path), sets]))
+    if overrides:
+        raise ConfigError(f"job.entrypoint {command!r} does not read the spec, so --set would be lost; "
+                          "write the values into the entrypoint or use {spec}/{overrides} in it")
+    return command
+
+
+def _security_context() -> dict[str, Any]:
+    return {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True, "runAsNonRoot": True,
+            "capabilities": {"drop": ["ALL"]}}
+
+
+def _pod(role: str, image: str, resources: dict[str, Any], volumes: list[dict], mounts: list[dict],
+         gpu_type: str | None, labels: dict[str, str], service_account: bool) -> dict[str, Any]:
+    spec: dict[str, Any] = {
+        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "runAsNonRoot": True,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        # Only the head's autoscaler talks to the API server; workers need no token.
+        "automountServiceAccountToken": service_account,
+        "containers": [{
+            "name": f"ray-{role}", "image": image, "imagePullPolicy": "IfNotPresent",
+            "env": RAY_ENV, "resources": resources, "volumeMounts": mounts,
+            "securityContext": _security_context(),
+        }],
+        "volumes": volumes,
+    }
+    if "nvidia.com/gpu" in resources.get("limits", {}):
+        spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        if gpu_type in GPU_PRODUCTS:
+            spec["nodeSelector"] = {"nvidia.com/gpu.product": GPU_PRODUCTS[gpu_type]}
+    return {"metadata": {"labels": labels}, "spec": spec}
+
+
+def rayjob_manifests(cfg: Config, spec_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
+                     namespace: str = "default", image: str = DEFAULT_IMAGE, pvc: str | None = "cxrfm-shared",
+                     memory_per_worker: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
+    """[ConfigMap with the spec, RayJob] for `cfg` (already validated from `spec_path` + `overrides`)."""
+    spec_path = Path(spec_path)
+    name = name or job_name(cfg)
+    t, job = cfg.train, cfg.job
+    labels = {"app.kubernetes.io/name": "cxrfm", "app.kubernetes.io/component": "training",
+              "app.kubernetes.io/managed-by": "cxrfm-jobs", "cxrfm.io/job": name}
+    per_node = math.ceil(t.num_workers / job.num_nodes)
+    # Ray Data's reading and decoding runs beside the trainers: two cores per node on top of theirs.
+    cpus = math.ceil(t.cpus_per_worker * per_node) + 2
+    memory = memory_per_worker or ("160Gi" if t.use_gpu else "4Gi")
+    quantity = re.fullmatch(r"(\d+)([KMGT]i)", memory)
+    if not quantity:
+        raise KubeError(f"--memory-per-worker {memory!r}: use a Kubernetes quantity such as 160Gi")
+    worker_limits: dict[str, Any] = {"cpu": str(cpus), "memory": f"{int(quantity[1]) * per_node}{quantity[2]}"}
+    if t.use_gpu:
+        worker_limits["nvidia.com/gpu"] = str(per_node)
+    head_limits = {"cpu": "4", "memory": "16Gi"}
+
+    volumes = [{"name": "tmp", "emptyDir": {}},
+               # NCCL and the DataLoader share tensors through /dev/shm; the 64 MiB default is far too small.
+               {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": "32Gi" if t.use_gpu else "2Gi"}}]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, {"name": "dshm", "mountPath": "/dev/shm"}]
+    if pvc:
+        volumes.append({"name": "shared", "persistentVolumeClaim": {"claimName": pvc}})
+        mounts.append({"name": "shared", "mountPath": SHARED_MOUNT})
+    head_volumes = volumes + [{"name": "spec", "configMap": {"name": f"{name}-spec"}}]
+    head_mounts = mounts + [{"name": "spec", "mountPath": SPEC_DIR, "readOnly": True}]
+
+    group = "gpu-workers" if t.use_gpu else "cpu-workers"
+    rayjob = {
+        "apiVersion": f"{GROUP}/{VERSION}", "kind": KIND,
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "entrypoint": entrypoint(cfg, f"{SPEC_DIR}/{spec_path.name}", overrides),
+            "submissionMode": "K8sJobMode",
+            # Ray Train restarts failed workers itself (train.max_failures); a second submission would
+            # start over on a fresh cluster, so the submitter is not retried.
+            "backoffLimit": 0,
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": 3600,
+            "rayClusterSpec": {
+                "rayVersion": RAY_VERSION,
+                "headGroupSpec": {
+                    # The head schedules; it runs no training work (and has no GPU).
+                    "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
+                    "template": _pod("head", image, {"requests": head_limits, "limits": head_limits},
+                                     head_volumes, head_mounts, None, labels, True),
+                },
+                "workerGroupSpecs": [{
+                    # A training gang has a fixed size: min = max = replicas.
+                    "groupName": group, "replicas": job.num_nodes,
+                    "minReplicas": job.num_nodes, "maxReplicas": job.num_nodes,
+                    "rayStartParams": {},
+                    "template": _pod("worker", image, {"requests": worker_limits, "limits": worker_limits},
+                                     volumes, mounts, job.gpu_type, labels, False),
+                }],
+            },
+        },
+    }
+    if job.runtime_env:
+        rayjob["spec"]["runtimeEnvYAML"] = yaml.safe_dump(job.runtime_env, sort_keys=True)
+    configmap = {
+        "apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-spec", "namespace": namespace, "labels": labels},
+        "data": {spec_path.name: spec_path.read_text()},
+    }
+    return [configmap, rayjob]
+
+
+class _Dumper(yaml.SafeDumper):
+    """Plain YAML for kubectl and review: no &anchors for shared sub-trees, multi-line text as blocks."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style="|" if "\n" in text else None)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def dump_manifests(objs: list[dict[str, Any]]) -> str:
+    return "---\n".join(yaml.dump(o, Dumper=_Dumper, sort_keys=False) for o in objs)
+
+
+def validate_kuberay(obj: dict[str, Any], crd_dir: str | Path) -> list[str]:
+    """Check a RayJob / RayCluster / RayService against the KubeRay CRD's openAPIV3Schema (offline).
+
+    Unknown fields are errors here, as the API server's strict field validation would make them,
+    except under `x-kubernetes-preserve-unknown-fields`. Returns the error messages, empty when valid."""
+    kind = obj.get("kind", "")
+    version = obj.get("apiVersion", "").split("/")[-1]
+    path = Path(crd_dir) / f"ray.io_{kind.lower()}s.yaml"
+    if not path.is_file():
+        return [f"no CRD for kind {kind!r} in {crd_dir}"]
+    validator = _crd_validator(str(path.resolve()), version)
+    if isinstance(validator, str):
+        return [validator]
+    return [f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}"
+            for e in sorted(validator.iter_errors(obj), key=lambda e: list(map(str, e.absolute_path)))]
+
+
+@functools.lru_cache(maxsize=16)
+def _crd_validator(path: str, version: str):
+    """Parsing a KubeRay CRD (tens of thousands of YAML lines) is slow: once per file and version."""
+    import jsonschema
+
+    crd = yaml.load(Path(path).read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    versions = {v["name"]: v for v in crd["spec"]["versions"]}
+    if version not in versions:
+        return f"{crd['spec']['names']['kind']} has no served version {version!r} (has {sorted(versions)})"
+    return jsonschema.Draft7Validator(_strict(versions[version]["schema"]["openAPIV3Schema"]))
+
+
+def _strict(schema: Any) -> Any:
+    if isinstance(schema, dict):
+        out = {k: _strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out \
+                and not out.get("x-kubernetes-preserve-unknown-fields"):
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [_strict(s) for s in schema]
+    return schema
+
+
+# ---- the API server ---------------------------------------------------------------------------
+
+def api_client(kubeconfig: str | None = None, context: str | None = None):
+    """A client for the cluster in `kubeconfig` (or $KUBECONFIG, ~/.kube/config, or the in-cluster
+    service account), or one clear KubeError."""
+    from kubernetes import client, config
+    from kubernetes.config.config_exception import ConfigException
+
+    path = kubeconfig or os.environ.get("KUBECONFIG", "").split(os.pathsep)[0] or str(Path.home() / ".kube" / "config")
+    if Path(path).is_file():
+        try:
+            return config.new_client_from_config(config_file=path, context=context)
+        except ConfigException as err:
+            raise KubeError(f"kubeconfig {path} is unusable ({err}); fix it or pass --kubeconfig") from None
+    if kubeconfig is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            config.load_incluster_config()
+        except ConfigException as err:
+            raise KubeError(f"inside a cluster but its service account is unusable ({err}); pass --kubeconfig") from None
+        return client.ApiClient()
+    raise KubeError(f"no kubeconfig at {path} and not running inside a cluster; set KUBECONFIG or pass "
+                    "--kubeconfig pointing at your cluster's config (or use --dry-run to print the manifest)")
+
+
+def _server(api) -> str:
+    return api.configuration.host
+
+
+def _explain(err, api, action: str, namespace: str) -> KubeError:
+    """One line for an ApiException, naming the server, the action and the fix."""
+    try:
+        body = json.loads(err.body or "{}")
+    except (TypeError, ValueError):
+        body = {}
+    message = body.get("message") or (err.reason or "").strip() or str(err.status)
+    kind = (body.get("details") or {}).get("kind")
+    if err.status == 401:
+        return KubeError(f"{_server(api)} rejected the credentials in your kubeconfig (401); refresh them and retry")
+    if err.status == 403:
+        return KubeError(f"forbidden to {action} in namespace {namespace!r} on {_server(api)}: {message}; "
+                         "ask for a Role allowing it there, or pick another --namespace")
+    if err.status == 404 and (kind == "namespaces" or "namespaces" in message):
+        return KubeError(f"namespace {namespace!r} does not exist on {_server(api)}; create it "
+                         f"(kubectl create namespace {namespace}) or pass --namespace")
+    if err.status == 409:
+        return KubeError(f"cannot {action}: {message}")
+    return KubeError(f"cannot {action} on {_server(api)} ({err.status}): {message}")
+
+
+def _call(api, action: str, namespace: str, fn, *args, missing_ok: bool = False, **kwargs):
+    """Run one API call; ApiException and connection failures become one-line KubeErrors.
+    With `missing_ok`, a 404 returns None instead."""
+    from kubernetes.client.exceptions import ApiException
+    from urllib3.exceptions import HTTPError
+
+    try:
+        return fn(*args, **kwargs)
+    except ApiException as err:
+        if missing_ok and err.status == 404:
+            return None
+        raise _explain(err, api, action, namespace) from None
+    except HTTPError as err:
+        reason = getattr(err, "reason", None) or err
+        raise KubeError(f"cannot reach the Kubernetes API server at {_server(api)} ({reason}); "
+                        "check the cluster is up and your kubeconfig context") from None
+
+
+def require_kuberay(api) -> None:
+    """Discovery says whether ray.io/v1 serves rayjobs; without the CRDs a create would only 404."""
+    from kubernetes import client
+
+    found = _call(api, "discover ray.io/v1", "(cluster)", client.CustomObjectsApi(api).get_api_resources,
+                  GROUP, VERSION, missing_ok=True)
+    if found is None or PLURAL not in {r.name for r in found.resources or []}:
+        raise KubeError(f"the cluster at {_server(api)} has no KubeRay CRDs ({KIND} {GROUP}/{VERSION}); {KUBERAY_HINT}")
+
+
+def create(api, manifests: list[dict[str, Any]]) -> str:
+    """Create the spec ConfigMap and the RayJob; the ConfigMap is then owned by the RayJob."""
+    from kubernetes import client
+
+    configmap, rayjob = manifests
+    ns, name = rayjob["metadata"]["namespace"], rayjob["metadata"]["name"]
+    require_kuberay(api)
+    core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
+    _call(api, "create configmaps", ns, core.create_namespaced_config_map, ns, configmap)
+    try:
+        created = _call(api, "create rayjobs.ray.io", ns, custom.create_namespaced_custom_object,
+                        GROUP, VERSION, ns, PLURAL, rayjob)
+    except KubeError:
+        _call(api, "delete configmaps", ns, core.delete_namespaced_config_map, configmap["metadata"]["name"], ns)
+        raise
+    owner = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name, "uid": created["metadata"]["uid"]}
+    _call(api, "patch configmaps", ns, core.patch_namespaced_config_map, configmap["metadata"]["name"], ns,
+          {"metadata": {"ownerReferences": [owner]}})
+    return name
+
+
+def status(api, name: str, namespace: str) -> dict[str, Any]:
+    from kubernetes import client
+
+    obj = _call(api, f"get rayjob {name}", namespace, client.CustomObjectsApi(api).get_namespaced_custom_object,
+                GROUP, VERSION, namespace, PLURAL, name)
+    st = obj.get("status") or {}
+    return {"name": name, "namespace": namespace, "job_status": st.get("jobStatus", "PENDING"),
+            "deployment_status": st.get("jobDeploymentStatus", "New"), "message": st.get("message", ""),
+            "ray_cluster": st.get("rayClusterName", ""), "dashboard": st.get("dashboardURL", ""),
+            "start_time": st.get("startTime", ""), "end_time": st.get("endTime", "")}
+
+
+def logs(api, name: str, namespace: str, follow: bool = False) -> Iterator[str]:
+    """The submitter pod's log: it runs `ray job submit` and then tails the job's own log."""
+    from kubernetes import client
+
+    core = client.CoreV1Api(api)
+    pods = _call(api, "list pods", namespace, core.list_namespaced_pod, namespace,
+                 label_selector=f"job-name={name}").items
+    if not pods:
+        st = status(api, name, namespace)
+        raise KubeError(f"RayJob {name} has no submitter pod yet (deployment status {st['deployment_status']}); "
+                        "retry once the Ray cluster is up")
+    # A retried submitter leaves older pods behind; the newest one is the live attempt.
+    pod = max(pods, key=lambda p: str(p.metadata.creation_timestamp or "")).metadata.name
+    resp = _call(api, f"read the log of pod {pod}", namespace, core.read_namespaced_pod_log, pod, namespace,
+                 follow=follow, _preload_content=False)
+    try:
+        for chunk in resp.stream(4096):
+            yield from chunk.decode(errors="replace").splitlines()
+    finally:
+        resp.release_conn()
+
+
+def stop(api, name: str, namespace: str) -> None:
+    """Delete the RayJob; KubeRay removes its RayCluster and pods, the owned ConfigMap goes too."""
+    from kubernetes import client
+
+    _call(api, f"delete rayjob {name}", namespace, client.CustomObjectsApi(api).delete_namespaced_custom_object,
+          GROUP, VERSION, namespace, PLURAL, name, body={"propagationPolicy": "Foreground"})

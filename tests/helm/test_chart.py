@@ -1,0 +1,235 @@
+"""The Helm chart, rendered and linted by the real Helm engine (helm-python-sdk, Helm v4 in-process),
+for the default values and several value sets. Every rendered object is validated: core objects with
+kubernetes-validate (Kubernetes 1.30 schemas, strict), KubeRay objects against the KubeRay v1.7.0 CRD
+schemas (shared/kuberay-crds/v1.7.0, beside the clone; unknown fields are errors). The cluster/
+RayCluster specs are checked the same way."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the test extra)")
+kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+
+from cxrfm.kube import validate_kuberay  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[2]
+CHART = REPO / "helm" / "cxrfm"
+KUBERAY_VERSION = "v1.7.0"
+CRDS = REPO.parent / "shared" / "kuberay-crds" / KUBERAY_VERSION
+K8S_VERSION = "1.30.0"
+pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay {KUBERAY_VERSION} CRDs not found at {CRDS}")
+
+H100_WORKERS = {"replicas": 8, "gpusPerWorker": 8, "gpuProduct": "NVIDIA-H100-80GB-HBM3", "shmSize": "64Gi",
+                "resources": {"requests": {"cpu": "96", "memory": "1200Gi"}, "limits": {"cpu": "96", "memory": "1200Gi"}}}
+VALUE_SETS = {
+    "default": {},
+    "pretrain-h100": {
+        "training": {"spec": "pretrain-m4cxr.yaml", "overrides": ["train.max_steps=100"], "workers": H100_WORKERS,
+                     "runtimeEnv": {"env_vars": {"NCCL_DEBUG": "WARN"}}, "activeDeadlineSeconds": 604800},
+        "serving": {"workers": {"gpusPerWorker": 1, "gpuProduct": "NVIDIA-L4"}, "apiKeys": {"acme": "a" * 32},
+                    "ingress": {"host": "cxr.example.org", "tls": {"enabled": True, "secretName": "cxr-tls"}}},
+        "imagePullSecrets": [{"name": "registry"}],
+    },
+    "external-stores": {
+        "mlflow": {"backendStore": {"internal": False, "host": "pg.db.svc", "existingSecret": "mlflow-db"},
+                   "artifactStore": {"internal": False, "endpointUrl": "https://s3.example.org", "existingSecret": "mlflow-s3"}},
+        "sharedStorage": {"existingClaim": "team-nfs"},
+        "serving": {"existingApiKeySecret": "tenant-keys"},
+    },
+    "serving-only": {"training": {"enabled": False}, "mlflow": {"enabled": False},
+                     "serving": {"ingress": {"enabled": False}, "podDisruptionBudget": {"enabled": False}}},
+}
+
+
+@pytest.fixture(scope="module")
+def chart():
+    c = helm.Chart.load(str(CHART))
+    yield c
+    c.close()
+
+
+def render(chart, values) -> list[dict]:
+    out = chart.render(values, name="demo", namespace="ml")
+    return [d for path, text in sorted(out.items()) if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
+
+
+def pod_specs(obj: dict) -> list[dict]:
+    """Every pod spec an object will create, KubeRay's included."""
+    spec = obj.get("spec", {})
+    if obj["kind"] in ("Deployment", "StatefulSet"):
+        return [spec["template"]["spec"]]
+    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or (spec if obj["kind"] == "RayCluster" else None)
+    if cluster is None:
+        return []
+    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+    if "submitterPodTemplate" in spec:
+        pods.append(spec["submitterPodTemplate"]["spec"])
+    return pods
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_lint_strict(name):
+    report = helm.lint(str(CHART), VALUE_SETS[name], strict=True, namespace="ml", kube_version=f"v{K8S_VERSION}")
+    assert report["errors"] == []
+    assert [m for m in report["messages"] if m["severity"] >= 2] == []
+
+
+@pytest.mark.parametrize("name", VALUE_SETS)
+def test_every_rendered_object_validates(chart, name):
+    docs = render(chart, VALUE_SETS[name])
+    assert docs
+    for obj in docs:
+        if obj["apiVersion"].startswith("ray.io/"):
+            assert validate_kuberay(obj, CRDS) == [], obj["kind"]
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+        for pod in pod_specs(obj):
+            assert pod["securityContext"]["runAsNonRoot"] is True
+            assert pod["automountServiceAccountToken"] in (True, False)
+            for c in pod.get("initContainers", []) + pod["containers"]:
+                assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and c["resources"]["limits"], c["name"]
+                ctx = c["securityContext"]
+                assert ctx["allowPrivilegeEscalation"] is False and ctx["readOnlyRootFilesystem"] is True
+                assert ctx["capabilities"]["drop"] == ["ALL"]
+        if obj["kind"] == "Service":
+            assert obj["spec"]["type"] == "ClusterIP"  # the Ingress is the only way in
+
+
+def test_default_release_objects(chart):
+    docs = render(chart, {})
+    kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
+    for expected in ("RayJob/demo-cxrfm-train", "RayService/demo-cxrfm", "Deployment/demo-cxrfm-mlflow",
+                     "StatefulSet/demo-cxrfm-postgresql", "Deployment/demo-cxrfm-objectstore", "Ingress/demo-cxrfm",
+                     "PodDisruptionBudget/demo-cxrfm-serving", "Role/demo-cxrfm-autoscaler", "Secret/demo-cxrfm-api-keys",
+                     "Secret/demo-cxrfm-postgresql", "Secret/demo-cxrfm-s3", "NetworkPolicy/demo-cxrfm-default-deny",
+                     "PersistentVolumeClaim/demo-cxrfm-shared", "ServiceAccount/demo-cxrfm"):
+        assert expected in kinds
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+
+    # Training runs the spec in the image and logs to the release's MLflow.
+    rayjob = by[("RayJob", "demo-cxrfm-train")]
+    assert rayjob["spec"]["entrypoint"] == \
+        "cxrfm train /app/jobs/tiny.yaml --set tracking.mlflow_uri=http://demo-cxrfm-mlflow.ml.svc:5000"
+    # Serving runs the serve config from values.
+    values = yaml.safe_load((CHART / "values.yaml").read_text())
+    service = by[("RayService", "demo-cxrfm")]
+    serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    assert serve == values["serving"]["serveConfig"]
+    assert serve["applications"][0]["import_path"] == "cxrfm.serving.app:build_app"
+    assert all("autoscaling_config" in d for d in serve["applications"][0]["deployments"])
+    assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
+    ingress = by[("Ingress", "demo-cxrfm")]
+    assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == \
+        service["spec"]["serveService"]["metadata"]["name"]
+
+    # Least privilege: only the serving head (autoscaler) mounts a token; its Role creates nothing.
+    with_token = [p for d in docs for p in pod_specs(d) if p["automountServiceAccountToken"]]
+    assert with_token == [service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]]
+    rules = by[("Role", "demo-cxrfm-autoscaler")]["rules"]
+    assert all("*" not in r["verbs"] + r["resources"] and not {"create", "delete"} & set(r["verbs"]) for r in rules)
+
+    # The PDB covers exactly the serving worker pods.
+    pdb = by[("PodDisruptionBudget", "demo-cxrfm-serving")]["spec"]["selector"]["matchLabels"]
+    worker_labels = service["spec"]["rayClusterConfig"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"]
+    head_labels = service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    assert pdb.items() <= worker_labels.items() and not pdb.items() <= head_labels.items()
+
+
+def test_network_policies(chart):
+    docs = {d["metadata"]["name"]: d for d in render(chart, {}) if d["kind"] == "NetworkPolicy"}
+    deny = docs["demo-cxrfm-default-deny"]["spec"]
+    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
+    assert deny["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "demo"
+    serving = docs["demo-cxrfm-serving-ingress"]["spec"]["ingress"]
+    assert serving == [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
+                        "ports": [{"protocol": "TCP", "port": 8000}]}]
+    # MLflow: any pod in the cluster, never an address outside it (no ipBlock anywhere).
+    mlflow = docs["demo-cxrfm-mlflow"]["spec"]["ingress"]
+    assert mlflow == [{"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": 5000}]}]
+    assert not any("ipBlock" in peer for d in docs.values() for rule in d["spec"].get("ingress", [])
+                   for peer in rule["from"])
+    stores = docs["demo-cxrfm-mlflow-stores"]["spec"]["ingress"][0]["from"]
+    assert stores == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "cxrfm", "app.kubernetes.io/instance": "demo",
+                                                       "app.kubernetes.io/component": "mlflow"}}}]
+
+
+def test_gpu_values(chart):
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render(chart, VALUE_SETS["pretrain-h100"])}
+    job = docs[("RayJob", "demo-cxrfm-train")]["spec"]
+    assert job["entrypoint"].endswith("--set 'train.max_steps=100'") and job["activeDeadlineSeconds"] == 604800
+    workers = job["rayClusterSpec"]["workerGroupSpecs"][0]
+    assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 8
+    pod = workers["template"]["spec"]
+    assert pod["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == "8"
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert docs[("Ingress", "demo-cxrfm")]["spec"]["tls"] == [{"hosts": ["cxr.example.org"], "secretName": "cxr-tls"}]
+    keys = docs[("Secret", "demo-cxrfm-api-keys")]["stringData"]
+    assert yaml.safe_load(keys["api-keys.json"]) == {"acme": "a" * 32}
+
+
+def test_external_stores_render_no_internal_servers(chart):
+    docs = render(chart, VALUE_SETS["external-stores"])
+    names = {f"{d['kind']}/{d['metadata']['name']}" for d in docs}
+    assert not {"StatefulSet/demo-cxrfm-postgresql", "Deployment/demo-cxrfm-objectstore",
+                "Secret/demo-cxrfm-postgresql", "Secret/demo-cxrfm-s3", "Secret/demo-cxrfm-api-keys",
+                "PersistentVolumeClaim/demo-cxrfm-shared"} & names
+    mlflow = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert "--backend-store-uri=postgresql://$(DB_USER):$(DB_PASSWORD)@pg.db.svc:5432/mlflow" in mlflow["command"]
+    env = {e["name"]: e for e in mlflow["env"]}
+    assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "https://s3.example.org"
+    assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-db"
+
+
+@pytest.mark.parametrize("values,where", [
+    ({"training": {"workers": {"replicas": -1}}}, "/training/workers/replicas"),
+    ({"serving": {"workers": {"minReplicas": -2}}}, "/serving/workers/minReplicas"),
+    ({"image": {"repository": ""}}, "/image/repository"),
+    ({"image": {"tag": None}}, "missing property 'tag'"),
+    ({"mlflow": {"resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": None}}}, "missing property 'limits'"),
+    ({"training": {"spec": "../../etc/passwd"}}, "/training/spec"),
+    ({"serving": {"apiKeys": {"acme": "short"}}}, "/serving/apiKeys/acme"),
+    ({"mlflow": {"backendStore": {"internal": False}}}, "/mlflow/backendStore"),
+    ({"replicas": 3}, "additional properties 'replicas' not allowed"),
+])
+def test_schema_rejects_bad_values(chart, values, where):
+    with pytest.raises(helm.HelmValuesError) as err:
+        chart.render(values, name="demo", namespace="ml")
+    assert where in str(err.value)
+
+
+@pytest.mark.parametrize("values,message", [
+    ({"serving": {"workers": {"minReplicas": 5, "maxReplicas": 4}}}, "must not exceed serving.workers.maxReplicas"),
+    ({"serving": {"podDisruptionBudget": {"minAvailable": 2}}}, "or every node drain blocks"),
+    ({"mlflow": {"artifactStore": {"internal": False}}}, "an external store needs accessKeyId"),
+])
+def test_template_guards(chart, values, message):
+    with pytest.raises(helm.HelmRenderError) as err:
+        chart.render(values, name="demo", namespace="ml")
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "cluster").glob("raycluster-*.yaml")), ids=lambda p: p.name)
+def test_cluster_specs_validate(path):
+    docs = list(yaml.safe_load_all(path.read_text()))
+    clusters = [d for d in docs if d["kind"] == "RayCluster"]
+    assert len(clusters) == 1 and clusters[0]["spec"]["enableInTreeAutoscaling"] is True
+    for obj in docs:
+        if obj["kind"] == "RayCluster":
+            assert validate_kuberay(obj, CRDS) == []
+        else:
+            kubernetes_validate.validate(obj, K8S_VERSION, strict=True)
+    head = clusters[0]["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-cpus"] == "0"  # a CPU head that runs no work
+    assert "nvidia.com/gpu" not in head["template"]["spec"]["containers"][0]["resources"]["limits"]
+    for group in clusters[0]["spec"]["workerGroupSpecs"]:
+        mounts = {m["mountPath"] for m in group["template"]["spec"]["containers"][0]["volumeMounts"]}
+        assert "/mnt/cxrfm" in mounts  # shared storage for shards and checkpoints
+    if "h100" in path.name:
+        gpu = [g for g in clusters[0]["spec"]["workerGroupSpecs"]
+               if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+        assert gpu and gpu[0]["template"]["spec"]["nodeSelector"]["nvidia.com/gpu.product"] == "NVIDIA-H100-80GB-HBM3"
