@@ -15,10 +15,15 @@ expressions instead of a dependency parser:
 Unmentioned observations are absent from the result. `explain` lists every mention with its value
 and the cue that decided it, for debugging the rules.
 
-Conventions that differ from, or go beyond, the CheXpert labeler (each a choice; tests pin them):
-"lungs are clear" -> Lung Opacity 0 only; consolidation statements also label Lung Opacity; "no new X"
-is negative (CheXpert: uncertain); "stable cardiomediastinal silhouette" is not a mention (CheXpert:
-uncertain); "interval resolution of X" and "X has been removed" are negative.
+Conventions (each a choice; tests/eval/labeler_sentences.py pins them):
+- "lungs are clear" -> Lung Opacity 0 only (not Consolidation / Edema, which reports negate by name);
+- consolidation statements also label Lung Opacity, with the same value (a consolidation is an opacity);
+- vascular congestion / cephalization and a blunted costophrenic angle are uncertain edema / effusion,
+  and "X or Y", "X versus Y" make both uncertain, as in CheXpert;
+- "interval resolution of X", "X has resolved", "X has been removed" are negative; a line "withdrawn"
+  (pulled back) is still present; "no new X" is negative (CheXpert: uncertain);
+- "stable cardiomediastinal silhouette" is not a mention (CheXpert: uncertain), it says nothing of size;
+- an empty text is "No Finding" 1, as in CheXpert.
 """
 
 from __future__ import annotations
