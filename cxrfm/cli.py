@@ -138,7 +138,8 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
 
 
 # Command groups that live in their own modules: "module:function(subparsers)".
-COMMAND_GROUPS = ("cxrfm.jobs:add_jobs_parser", "cxrfm.plan:add_plan_parser", "cxrfm.bench:add_bench_parser")
+COMMAND_GROUPS = ("cxrfm.jobs:add_jobs_parser", "cxrfm.plan:add_plan_parser", "cxrfm.bench:add_bench_parser",
+                  "cxrfm.serving.cli:add_serve_parser")
 
 
 def build_parser() -> argparse.ArgumentParser:

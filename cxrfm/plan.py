@@ -10,14 +10,16 @@ Model-state bytes follow DeepSpeed's own estimators (`estimate_zero2_model_state
 `estimate_zero3_model_states_mem_needs`), so the two agree; tests/test_plan.py checks that. Activation
 bytes are counted per saved tensor of the transformers ViT and Llama blocks (the recipe of Korthikanti
 et al., "Reducing Activation Recomputation in Large Transformer Models", adapted to SwiGLU, GQA and
-fused attention kernels). Step time is a roofline: FLOPs at an assumed utilisation plus the part of the
-ZeRO collectives and offload traffic that does not hide behind compute. These are estimates for
-choosing a setup, not measurements: `cxrfm bench train` measures.
+fused attention kernels); the diffusion decoder, a UNet or DiT with no short closed form, is traced
+on the `meta` device instead. Step time is a roofline: FLOPs at an assumed utilisation plus the part
+of the ZeRO collectives and offload traffic that does not hide behind compute. These are estimates
+for choosing a setup, not measurements: `cxrfm bench train` measures.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -75,6 +77,8 @@ class ModelShape:
     projector: int
     language: int
     embedding: int  # input embedding table: a lookup, not matmul FLOPs
+    diffusion: int = 0  # the text-to-CXR decoder, its frozen VAE included
+    frozen: int = 0  # parameters that get no gradient (the VAE): 16-bit copies only, no optimizer states
 
 
 def model_shape(cfg: Config, model=None) -> ModelShape:
@@ -85,15 +89,17 @@ def model_shape(cfg: Config, model=None) -> ModelShape:
         from cxrfm.model.build import build_model
 
         model = build_model(cfg, device=torch.device("meta"))
-    unique = {id(p): p.numel() for p in model.parameters()}
+    unique = {id(p): p for p in model.parameters()}
     largest = max((sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0)
 
     def count(mod) -> int:
-        return sum({id(p): p.numel() for p in mod.parameters()}.values())
+        return sum({id(p): p.numel() for p in mod.parameters()}.values()) if mod is not None else 0
 
-    return ModelShape(total=sum(unique.values()), largest_layer=largest, vision=count(model.vision),
-                      projector=count(model.projector), language=count(model.language),
-                      embedding=model.language.get_input_embeddings().weight.numel())
+    return ModelShape(total=sum(p.numel() for p in unique.values()), largest_layer=largest,
+                      vision=count(model.vision), projector=count(model.projector), language=count(model.language),
+                      embedding=model.language.get_input_embeddings().weight.numel(),
+                      diffusion=count(getattr(model, "diffusion", None)),
+                      frozen=sum(p.numel() for p in unique.values() if not p.requires_grad))
 
 
 @dataclass
@@ -113,13 +119,14 @@ class ModelStates:
 
 def model_states(total: int, largest_layer: int, stage: int, num_gpus: int, gpus_per_node: int,
                  offload_optimizer: str = "none", offload_param: str = "none",
-                 precision: str = "bf16") -> ModelStates:
+                 precision: str = "bf16", frozen: int = 0) -> ModelStates:
     """Mixed precision Adam: 2 bytes 16-bit params + 2 bytes 16-bit grads + 4 bytes fp32 grads
     + 4 bytes fp32 master params + 8 bytes Adam moments, partitioned as each ZeRO stage does.
     Totals equal DeepSpeed's estimators (stage 2: 2P + 18P/N; stage 3: 4L + 18P/N, where ZeRO-3
     keeps the partition's gradients in fp32 only; offload: 2P, 4L + 2P/N, 4L); the split into
     params/grads/optimizer is ours. fp32 training has no master copy and no separate 16-bit
-    copies: 4 + 4 + 8 bytes."""
+    copies: 4 + 4 + 8 bytes. `total` counts trainable parameters; `frozen` ones (DeepSpeed's
+    estimators treat them as trainable) only add their 16-bit copy, partitioned under ZeRO-3."""
     P, L, N = total, largest_layer, num_gpus
     nodes = max(1, math.ceil(N / gpus_per_node))
     if precision == "fp32":
@@ -157,6 +164,7 @@ def model_states(total: int, largest_layer: int, stage: int, num_gpus: int, gpus
         # States live on the drive; host memory keeps pinned swap buffers of a few layers.
         nvme = (opt + g32) * P // nodes + (p16 * P // nodes if offload_param == "nvme" else 0)
         cpu = L * 4 * gpus_per_node * DS_BUFFER_FACTOR * 4
+    params += p16 * frozen // (N if stage == 3 else 1)
     return ModelStates(int(params), int(grads), int(optimizer), int(cpu), int(nvme))
 
 
@@ -168,6 +176,76 @@ def answer_tokens(cfg: Config, images_per_sample: int) -> int:
     """Most loss-bearing tokens a sample can have: the prompt holds at least BOS plus, per image, a
     role marker and `num_tokens` visual tokens (cxrfm.data.samples); logits exist only for the rest."""
     return max(1, cfg.data.max_seq_len - 1 - images_per_sample * (cfg.model.projector.num_tokens + 1))
+
+
+class _FusedAttention:
+    """Stand-in for scaled_dot_product_attention while tracing on `meta`: keeps what a fused GPU kernel
+    keeps for backward (q, k, v, output, row log-sum-exp), never the score matrix that the meta
+    device's math decomposition would save."""
+
+    flops = 0
+
+    @staticmethod
+    def sdpa(q, k, v, *args, **kwargs):
+        import torch
+
+        _FusedAttention.flops += 2 * q.shape[:-1].numel() * k.shape[-2] * (q.shape[-1] + v.shape[-1])
+
+        class Fn(torch.autograd.Function):
+            @staticmethod
+            def forward(ctx, q, k, v):
+                out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+                ctx.save_for_backward(q, k, v, out, q.new_empty(q.shape[:-1], dtype=torch.float32))
+                return out
+
+            @staticmethod
+            def backward(ctx, grad):
+                q, k, v, _, _ = ctx.saved_tensors
+                return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+        return Fn.apply(q, k, v)
+
+
+def diffusion_profile(cfg: Config) -> tuple[int, float]:
+    """(activation bytes, forward FLOPs) per `generate` sample of the diffusion decoder, or (0, 0).
+
+    A UNet or DiT has no short closed form, so its training forward is run on the `meta` device
+    (shapes only, no memory) under a saved-tensor hook and torch's FlopCounterMode."""
+    d = cfg.model.diffusion
+    if not d.enabled:
+        return 0, 0.0
+    return _diffusion_profile(d.model_dump_json(), cfg.model.language.hidden_size, cfg.data.image_size,
+                              cfg.train.precision)
+
+
+@functools.lru_cache(maxsize=16)
+def _diffusion_profile(diffusion_json: str, cond_dim: int, image_size: int, precision: str) -> tuple[int, float]:
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cxrfm.config import DiffusionConfig
+    from cxrfm.model.diffusion import DiffusionDecoder
+
+    dcfg = DiffusionConfig.model_validate_json(diffusion_json)
+    with torch.device("meta"):
+        decoder = DiffusionDecoder(dcfg, cond_dim)
+    decoder = decoder.to({"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]).train()
+    n, length = 2, dcfg.max_text_tokens
+    kept: list = []
+    real, _FusedAttention.flops = F.scaled_dot_product_attention, 0
+    F.scaled_dot_product_attention = _FusedAttention.sdpa
+    try:
+        counter = FlopCounterMode(display=False)
+        with counter, torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            decoder(torch.zeros(n, image_size, image_size, dtype=torch.uint8, device="meta"),
+                    torch.zeros(n, length, cond_dim, device="meta", requires_grad=True),
+                    torch.ones(n, length, dtype=torch.bool, device="meta"))
+    finally:
+        F.scaled_dot_product_attention = real
+    # Views share their base's memory: count each base once (meta tensors have no addresses).
+    bases = {id(b): b.numel() * b.element_size() for b in (t if t._base is None else t._base for t in kept)}
+    return sum(bases.values()) // n, (counter.get_total_flops() + _FusedAttention.flops) / n
 
 
 def activation_breakdown(cfg: Config, micro_batch: int, checkpointing: bool, images_per_sample: int = 3,
@@ -182,7 +260,8 @@ def activation_breakdown(cfg: Config, micro_batch: int, checkpointing: bool, ima
     log-probabilities (4V bytes each), and its backward briefly adds their fp32 gradient and its
     16-bit cast (`logits_backward`); the fused linear + cross-entropy kernel keeps instead the hidden
     gradient and one V x h weight gradient per task. With checkpointing each block keeps only its
-    input, plus one block's full activations while backward recomputes it (`*_recompute`).
+    input, plus one block's full activations while backward recomputes it (`*_recompute`). The
+    diffusion decoder is traced instead (`diffusion_profile`); checkpointing does not cover it.
     tests/test_plan.py checks these counts against the tensors autograd really saves."""
     from cxrfm.data.samples import LM_TASKS
     from cxrfm.model.build import default_vocab_size
@@ -211,6 +290,8 @@ def activation_breakdown(cfg: Config, micro_batch: int, checkpointing: bool, ima
     else:
         parts = {"language": lm.num_layers * lm_layer, "vision": images_per_sample * vis.num_layers * vit_layer}
     parts.update(logits=head, logits_backward=head_backward, projector=images_per_sample * projector)
+    # Worst case: every row of the micro-batch is a `generate` row (the LM still runs on all of them).
+    parts["diffusion"] = diffusion_profile(cfg)[0]
     return {k: int(micro_batch * v) for k, v in parts.items()}
 
 
@@ -219,14 +300,17 @@ def activation_bytes(cfg: Config, micro_batch: int, checkpointing: bool, images_
     return sum(activation_breakdown(cfg, micro_batch, checkpointing, images_per_sample, vocab_size).values())
 
 
-def step_flops(cfg: Config, shape: ModelShape, images_per_sample: int) -> float:
-    """Model FLOPs to train on one sample (forward + backward = 3x forward, no recompute)."""
+def step_flops(cfg: Config, shape: ModelShape, images_per_sample: int, micro_batch: int) -> float:
+    """Model FLOPs to train on one micro-batch (forward + backward = 3x forward, no recompute)."""
     lm, vis, s = cfg.model.language, cfg.model.vision, cfg.data.max_seq_len
     t = (vis.image_size // vis.patch_size) ** 2 + 1
     lm_flops = 6 * (shape.language - shape.embedding) * s + 6 * lm.num_layers * s * s * lm.hidden_size  # causal
     vit_flops = 6 * shape.vision * t + 12 * vis.num_layers * t * t * vis.hidden_size
     proj_flops = 6 * shape.projector * cfg.model.projector.num_tokens
-    return lm_flops + images_per_sample * (vit_flops + proj_flops)
+    # The decoder trains on the expected share of `generate` rows, and on one blank row when there are none.
+    share = cfg.data.tasks.get("generate", 0.0) / sum(cfg.data.tasks.values())
+    diffusion = 3 * diffusion_profile(cfg)[1] * max(1.0, micro_batch * share) if shape.diffusion else 0.0
+    return micro_batch * (lm_flops + images_per_sample * (vit_flops + proj_flops)) + diffusion
 
 
 @dataclass
@@ -279,7 +363,8 @@ def _row(cfg: Config, shape: ModelShape, gpu: GPU, n: int, per_node: int, option
     stage, off_opt, off_par = option
     prec = cfg.train.precision
     a = _act_bytes(prec)
-    st = model_states(shape.total, shape.largest_layer, stage, n, per_node, off_opt, off_par, prec)
+    st = model_states(shape.total - shape.frozen, shape.largest_layer, stage, n, per_node, off_opt, off_par, prec,
+                      frozen=shape.frozen)
     act = activation_bytes(cfg, micro_batch, False, images)
     act_ck = activation_bytes(cfg, micro_batch, True, images)
     buf = _buffers(cfg, stage)
@@ -290,7 +375,7 @@ def _row(cfg: Config, shape: ModelShape, gpu: GPU, n: int, per_node: int, option
     ckpt = (not fits and fits_ck) or (not fits and not fits_ck and cfg.train.activation_checkpointing)
 
     # Compute: model FLOPs, plus one extra forward when checkpointing recomputes.
-    model_flops = step_flops(cfg, shape, images) * micro_batch * grad_accum  # per GPU per optimizer step
+    model_flops = step_flops(cfg, shape, images, micro_batch) * grad_accum  # per GPU per optimizer step
     hw_flops = model_flops * (4 / 3 if ckpt else 1)
     peak = gpu.peak_flops[prec]
     compute = hw_flops / (peak * util)
@@ -392,7 +477,8 @@ def format_plan(plan: Plan) -> str:
         f"plan for {plan.spec or 'config'} on {plan.num_gpus} x {plan.gpu} ({nodes} node(s) x {plan.gpus_per_node}); "
         f"{hw.memory / GiB:.1f} GiB per GPU, {usable / GiB:.1f} GiB usable after context and fragmentation",
         f"model: {_count(sh.total)} parameters (vision {_count(sh.vision)}, projector {_count(sh.projector)}, "
-        f"language {_count(sh.language)}); largest layer {_count(sh.largest_layer)}",
+        f"language {_count(sh.language)}, diffusion {_count(sh.diffusion)}, {_count(sh.frozen)} frozen); "
+        f"largest layer {_count(sh.largest_layer)}",
         f"batch: {plan.precision}, sequence {plan.seq_len}, micro-batch {plan.micro_batch}, grad_accum {plan.grad_accum}, "
         f"{plan.images_per_sample} image(s) per sample (worst case for memory)",
         f"assumed utilisation {plan.utilisation:.0%} of {hw.peak_flops[plan.precision] / 1e12:.0f} TFLOPS peak on executed "

@@ -25,6 +25,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from cxrfm import jobs as jobs_module
 from cxrfm import kube
 from cxrfm.config import load_config
 from cxrfm.jobs import add_jobs_parser, logs_ray, status_ray, stop_ray, submit_ray
@@ -293,7 +294,8 @@ def ray_head():
                # Shared 2-core CI machines stall processes for seconds: a head that declares its own
                # raylet dead under load takes the dashboard with it, so health checks are patient.
                RAY_health_check_period_ms="10000", RAY_health_check_timeout_ms="60000",
-               RAY_health_check_failure_threshold="10", RAY_gcs_rpc_server_reconnect_timeout_s="300")
+               RAY_health_check_failure_threshold="10", RAY_gcs_rpc_server_reconnect_timeout_s="300",
+               RAY_DASHBOARD_STARTUP_TIMEOUT_S="240")
     tmp = tempfile.mkdtemp(prefix="cxrfm-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     dash = _free_port()
     proc = subprocess.Popen(
@@ -303,11 +305,13 @@ def ray_head():
         env=env, start_new_session=True, stdout=open(Path(tmp) / "ray-start.log", "w"), stderr=subprocess.STDOUT)
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+    # The head's job agent registers late on a loaded machine: let submissions wait for it longer.
+    agent_wait, jobs_module.AGENT_WAIT_S = jobs_module.AGENT_WAIT_S, 600
     address = f"http://127.0.0.1:{dash}"
     try:
         from ray.job_submission import JobSubmissionClient
 
-        deadline = time.time() + 180
+        deadline = time.time() + 300
         while True:
             try:
                 JobSubmissionClient(address).list_jobs()
@@ -318,6 +322,7 @@ def ray_head():
                 time.sleep(1)
         yield address
     finally:
+        jobs_module.AGENT_WAIT_S = agent_wait
         for k, v in saved.items():
             os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
         # Only the processes this fixture started: its own process group.

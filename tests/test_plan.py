@@ -86,7 +86,7 @@ def test_model_states_at_7b_scale_agree_with_deepspeed_formulas():
     model = build_model(cfg, device="meta")
     shape = model_shape(cfg, model)
     assert shape.total == count_parameters(model)["total"]
-    assert 6.9e9 < shape.total < 7.2e9
+    assert 6.7e9 < shape.language < 6.8e9 and 7.5e9 < shape.total < 7.9e9  # + ViT-L + the DiT decoder
     kw = {"total_params": shape.total, "num_gpus_per_node": 8, "num_nodes": 8}
     for (stage, off_opt, off_par) in OPTIONS:
         ours = model_states(shape.total, shape.largest_layer, stage, 64, 8, off_opt, off_par)
@@ -130,6 +130,9 @@ def _saved_activation_bytes(cfg, micro_batch: int, images: int, checkpointing: b
     return sum(n for ptr, n in storages.items() if ptr not in weights)
 
 
+NO_DIFFUSION = ["model.diffusion.enabled=false", "data.tasks={report: 0.5, vqa: 0.3, grounding: 0.2}"]
+
+
 @pytest.mark.parametrize("overrides,images,checkpointing", [
     ([], 1, False),
     (["train.precision=bf16"], 3, False),
@@ -139,11 +142,46 @@ def _saved_activation_bytes(cfg, micro_batch: int, images: int, checkpointing: b
                   "model.language.num_layers=4", "data.max_seq_len=256", "model.vision.hidden_size=128"], 3, True),
 ])
 def test_activation_counts_match_what_autograd_saves(overrides, images, checkpointing):
-    cfg = load_config(None, overrides)
+    """The closed forms for the LM, ViT, projector and loss (the decoder is traced: next test)."""
+    cfg = load_config(None, NO_DIFFUSION + overrides)
     parts = activation_breakdown(cfg, 2, checkpointing, images)
+    assert parts["diffusion"] == 0
     # Forward-saved tensors only: the backward transients are peaks, not saved tensors.
     estimate = sum(v for k, v in parts.items() if k != "logits_backward" and not k.endswith("_recompute"))
     assert _close(estimate, _saved_activation_bytes(cfg, 2, images, checkpointing), rel=0.06)
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.diffusion.backbone=dit"]], ids=["unet", "dit"])
+def test_diffusion_profile_matches_a_real_forward(overrides):
+    """The meta-device trace against a real CPU training forward of the same decoder: activations
+    within [-5%, +25%] (the trace keeps fused-attention tensors and counts views' bases whole, so it
+    errs high), FLOPs within 5%."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cxrfm.model.diffusion import DiffusionDecoder
+    from cxrfm.plan import diffusion_profile
+
+    cfg = load_config(None, overrides)
+    per_sample, flops = diffusion_profile(cfg)
+    torch.manual_seed(0)
+    decoder = DiffusionDecoder(cfg.model.diffusion, cfg.model.language.hidden_size).train()
+    n, length, side = 2, cfg.model.diffusion.max_text_tokens, cfg.data.image_size
+    inputs = (torch.randint(0, 255, (n, side, side), dtype=torch.uint8),
+              torch.randn(n, length, cfg.model.language.hidden_size, requires_grad=True),
+              torch.ones(n, length, dtype=torch.bool))
+    kept: list[torch.Tensor] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+        decoder(*inputs)
+    # The FLOP counter cannot see inside CPU's fused attention kernel: count with the math one.
+    counter = FlopCounterMode(display=False)
+    with counter, sdpa_kernel(SDPBackend.MATH):
+        decoder(*inputs)
+    weights = {p.untyped_storage().data_ptr() for p in decoder.parameters()}
+    saved = sum(nb for ptr, nb in {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kept}.items()
+                if ptr not in weights)
+    assert 0.95 * saved <= n * per_sample <= 1.25 * saved
+    assert _close(n * flops, counter.get_total_flops())
 
 
 @pytest.fixture(scope="module")
@@ -160,9 +198,9 @@ def test_pretrain_plan_on_64_h100(pretrain):
     z1, z3 = rows[(1, "none", "none")], rows[(3, "none", "none")]
     # ZeRO-1 keeps full 16-bit weights and grads (~26 GiB) per GPU; ZeRO-3 shards them 64 ways.
     assert z1.states.params + z1.states.grads > 25 * GiB > 20 * GiB > z3.states.gpu_total
-    assert z3.fits and not z1.fits and z1.fits_ckpt
+    assert z3.fits_ckpt and not z1.fits and z1.fits_ckpt
     for r in plan.rows:
-        assert r.activations_ckpt < r.activations / 4
+        assert r.activations_ckpt < r.activations / 3
         assert r.step_s > 0 and r.days == pytest.approx(plan.token_budget / r.tokens_per_s / 86400)
         assert 0 < r.mfu <= plan.utilisation
     rec = plan.recommendation
@@ -201,7 +239,7 @@ def test_plan_cli(capsys):
     rc, out, _ = _plan_cli([str(PRETRAIN), "--gpus", "8", "--json"], capsys)
     plan = json.loads(out)
     assert rc == 0 and plan["num_gpus"] == 8 and len(plan["rows"]) == len(OPTIONS)
-    assert plan["shape"]["total"] > 6.9e9
+    assert plan["shape"]["total"] > 7.5e9
 
 
 def test_plan_cli_when_nothing_fits_and_bad_input(capsys):

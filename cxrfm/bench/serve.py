@@ -1,0 +1,223 @@
+"""`cxrfm bench serve`: the serving application under a bounded HTTP load on loopback.
+
+1. Batching: one ReportGenerator replica, the same deployment measured with `@serve.batch`
+   (max_batch_size N) and with max_batch_size=1 (the baseline), alternating per concurrency level in one
+   run. Each level sends a fixed number of requests (and stops at a time cap): p50/p95/p99 latency,
+   requests/s, the mean batch the deployment actually ran, and errors.
+2. Autoscaling: the ReportGenerator with min 1 / max N replicas under a load phase, then idle; prints
+   the replica count over time (it should rise under load and fall back after it).
+
+Everything runs on a private local Ray instance (`address="local"`) bound to 127.0.0.1. Without
+--export, an untrained tiny model is built: generation cost is real, the text is noise.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import os
+import platform
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+APP = "cxrfm-bench"
+
+
+def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--export", help="model export directory (default: an untrained tiny model, built once)")
+    p.add_argument("--levels", default="1,4,8,16", help="client concurrency levels")
+    p.add_argument("--requests", type=int, default=32, help="requests per level and mode (at least 2x the level)")
+    p.add_argument("--level-timeout-s", type=float, default=90.0, help="stop issuing requests after this long")
+    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--batch-wait-s", type=float, default=0.02)
+    p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of a ReportGenerator replica")
+    p.add_argument("--autoscale-max", type=int, default=3, help="max replicas in the autoscaling run (0: skip it)")
+    p.add_argument("--autoscale-concurrency", type=int, default=12)
+    p.add_argument("--autoscale-load-s", type=float, default=45.0)
+    p.add_argument("--autoscale-idle-s", type=float, default=60.0, help="watch this long after the load stops")
+    return p
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+async def load(url: str, key: str, body: dict, concurrency: int, total: int | None, seconds: float) -> dict:
+    """`concurrency` clients, each sending its next request when the last one is answered, until `total`
+    requests were sent or `seconds` passed."""
+    import aiohttp
+
+    latencies, statuses, sent, start = [], {}, 0, time.perf_counter()
+
+    async def client(session):
+        nonlocal sent
+        while (total is None or sent < total) and time.perf_counter() - start < seconds:
+            sent += 1
+            t0 = time.perf_counter()
+            async with session.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+                await r.read()
+                statuses[r.status] = statuses.get(r.status, 0) + 1
+                if r.status == 200:
+                    latencies.append(time.perf_counter() - t0)
+
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    wall = time.perf_counter() - start
+    return {"ok": len(latencies), "errors": sum(v for k, v in statuses.items() if k != 200), "wall": wall,
+            "rps": len(latencies) / wall, "p50": _percentile(latencies, 50) * 1e3,
+            "p95": _percentile(latencies, 95) * 1e3, "p99": _percentile(latencies, 99) * 1e3}
+
+
+def _body(max_new_tokens: int) -> dict:
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8)).save(buf, format="PNG")
+    return {"images": {"frontal": base64.b64encode(buf.getvalue()).decode()}, "indication": "cough",
+            "max_new_tokens": max_new_tokens}
+
+
+def _deploy(args, export: str, store: str, autoscaling: dict | None) -> None:
+    from ray import serve
+
+    from cxrfm.serving.app import build_app
+
+    report = {"ray_actor_options": {"num_cpus": args.replica_cpus}, "max_ongoing_requests": 64, "max_queued_requests": 512,
+              "user_config": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s}}
+    report.update({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": 1, "autoscaling_config": None})
+    small = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}}
+    options = {"Ingress": {**small, "max_ongoing_requests": 512, "max_queued_requests": 1024}, "ReportGenerator": report}
+    serve.run(build_app({"tenants": store, "models": {"base": export}, "tasks": ["report"], "deployment_options": options}),
+              name=APP, route_prefix="/")
+
+
+def batching_table(args, url: str, key: str) -> list[dict]:
+    from ray import serve
+
+    handle = serve.get_deployment_handle("ReportGenerator", APP)
+    body, rows = _body(args.max_new_tokens), []
+    asyncio.run(load(url, key, body, 2, 4, 60))  # warm-up: first-call costs out of the table
+    for level in [int(x) for x in args.levels.split(",")]:
+        for name, size in ((f"batched (max {args.max_batch_size})", args.max_batch_size), ("max_batch_size=1", 1)):
+            handle.reconfigure.remote({"max_batch_size": size, "batch_wait_timeout_s": args.batch_wait_s}).result()
+            handle.reset_stats.remote().result()
+            res = load(url, key, body, level, max(args.requests, 2 * level), args.level_timeout_s)
+            res = asyncio.run(res)
+            sizes = handle.stats.remote().result()["batch_sizes"]
+            rows.append({"level": level, "mode": name, "batch": sum(sizes) / max(1, len(sizes)), **res})
+            print(f"  concurrency {level:>3}  {name:<18} {res['rps']:6.2f} req/s  p50 {res['p50']:7.0f} ms", flush=True)
+    return rows
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'conc':>4} | {'mode':<18} | {'ok':>4} | {'err':>3} | {'req/s':>6} | {'p50 ms':>7} | {'p95 ms':>7} | "
+          f"{'p99 ms':>7} | {'mean batch':>10} | {'vs max_batch_size=1':>19}")
+    print("-" * 112)
+    base = {r["level"]: r["rps"] for r in rows if r["mode"] == "max_batch_size=1"}
+    for r in rows:
+        ratio = r["rps"] / base[r["level"]] if base.get(r["level"]) else float("nan")
+        print(f"{r['level']:>4} | {r['mode']:<18} | {r['ok']:>4} | {r['errors']:>3} | {r['rps']:>6.2f} | {r['p50']:>7.0f} | "
+              f"{r['p95']:>7.0f} | {r['p99']:>7.0f} | {r['batch']:>10.2f} | {ratio:>18.2f}x")
+
+
+def replica_count() -> dict[str, int]:
+    from ray import serve
+
+    dep = serve.status().applications[APP].deployments["ReportGenerator"]
+    return {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
+
+
+async def _watch(samples: list, stop: asyncio.Event, start: float, phase: list) -> None:
+    while not stop.is_set():
+        states = await asyncio.to_thread(replica_count)
+        samples.append((time.perf_counter() - start, phase[0], states))
+        print(f"  t={samples[-1][0]:5.0f}s  {phase[0]:<5} replicas running={states.get('RUNNING', 0)} "
+              f"{ {k: v for k, v in states.items() if k != 'RUNNING'} or ''}", flush=True)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=3)
+        except asyncio.TimeoutError:
+            pass
+
+
+async def autoscaling_run(args, url: str, key: str) -> list:
+    samples, stop, phase, start = [], asyncio.Event(), ["load"], time.perf_counter()
+    watcher = asyncio.create_task(_watch(samples, stop, start, phase))
+    res = await load(url, key, _body(args.max_new_tokens), args.autoscale_concurrency, None, args.autoscale_load_s)
+    phase[0] = "idle"
+    print(f"  load phase: {res['ok']} ok, {res['errors']} errors, {res['rps']:.2f} req/s, p95 {res['p95']:.0f} ms")
+    idle_until = time.perf_counter() + args.autoscale_idle_s
+    while time.perf_counter() < idle_until:
+        await asyncio.sleep(3)
+        if samples and samples[-1][1] == "idle" and samples[-1][2].get("RUNNING", 0) <= 1 and len(samples[-1][2]) == 1:
+            break  # back at the minimum
+    stop.set()
+    await watcher
+    return samples
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = add_args(argparse.ArgumentParser(prog="cxrfm bench serve", description=__doc__.split("\n\n")[0])).parse_args(argv)
+    import ray
+    from ray import serve
+
+    from cxrfm.serving.cli import build_untrained_export
+    from cxrfm.serving.tenants import Tenant, add_tenant
+
+    work = Path(tempfile.mkdtemp(prefix="cxrfm-bench-serve-"))
+    export = args.export or str(build_untrained_export(Path(tempfile.gettempdir()) / "cxrfm-bench-serve-export"))
+    store = str(work / "tenants.yaml")
+    key = add_tenant(store, Tenant(name="bench", tasks=["report"], rate_per_s=1e6, burst=10**6, max_concurrency=10**6))
+    port = _free_port()
+    print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores ({_cpu_name()}); model: {export}")
+    print(f"report, max_new_tokens={args.max_new_tokens}, ReportGenerator num_cpus={args.replica_cpus}")
+    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        url = f"http://127.0.0.1:{port}/v1/report"
+        print("\n[1/2] batching: the same deployment with @serve.batch and with max_batch_size=1")
+        _deploy(args, export, store, None)
+        print_table(batching_table(args, url, key))
+        if args.autoscale_max > 1:
+            print(f"\n[2/2] autoscaling: min 1, max {args.autoscale_max} replicas, target 2 ongoing requests; "
+                  f"{args.autoscale_concurrency} clients for {args.autoscale_load_s:.0f} s, then idle")
+            serve.delete(APP)
+            _deploy(args, export, store, {"min_replicas": 1, "max_replicas": args.autoscale_max,
+                                          "target_ongoing_requests": 2, "upscale_delay_s": 3, "downscale_delay_s": 10,
+                                          "metrics_interval_s": 1, "look_back_period_s": 3})
+            samples = asyncio.run(autoscaling_run(args, url, key))
+            peak = max(s[2].get("RUNNING", 0) for s in samples)
+            end = samples[-1][2].get("RUNNING", 0)
+            print(f"  replicas: 1 -> peak {peak} under load -> {end} after it")
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
