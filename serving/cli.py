@@ -89,7 +89,7 @@ def resolve_config(config: dict, base: Path, models: list[str] = (), tenants: st
             source = _local(source, base)
             if not _is_uri(source):
                 if any(c in source for c in "*?["):
-                    matches = sorted(glob.glob(source), key=os.path.getmtime)
+                    matches = sorted(glob.glob(source), key=lambda p: os.lstat(p).st_mtime)  # the link's own time
                     if not matches:
                         raise ConfigError(f"model {key!r}: nothing matches {source}; train one with `cxrfm train`, "
                                           f"pass --model {key}=PATH, or try --demo-model (untrained)")
