@@ -52,6 +52,7 @@ class AppArgs(BaseModel):
     max_models_per_replica: int = Field(3, ge=1)
     preload: list[str] | None = Field(None, description="models each task replica loads at start (default: default_model)")
     max_image_pixels: int = Field(40_000_000, ge=1024)
+    max_generate_steps: int = Field(200, ge=1, description="diffusion steps a /v1/generate request may ask for")
     request_timeout_s: float = Field(120.0, gt=0)
     auth_cache_ttl_s: float = Field(30.0, ge=0)
     batch: dict = Field(default_factory=lambda: dict(DEFAULT_BATCH), description="initial user_config of task deployments")
@@ -321,6 +322,8 @@ class Ingress:
             ctx.model = self._choose_model(tenant, req.model)
             item = {"text": getattr(req, TEXT_FIELD[task]), "max_new_tokens": getattr(req, "max_new_tokens", None)}
             if task == "generate":
+                if req.steps > self.args.max_generate_steps:  # the cost of a sample grows with its steps
+                    raise ApiError(400, "invalid_request", f"steps: at most {self.args.max_generate_steps} on this server", "steps")
                 item.update(seed=req.seed, steps=req.steps, guidance_scale=req.guidance_scale)
             else:
                 # Decoding is CPU work; a thread keeps the ingress answering others meanwhile.

@@ -52,14 +52,14 @@ class ModelCatalog:
             raise KeyError(f"model {model_id!r} is not in this application's catalog")
         source = self.models[model_id]
         if source.startswith(("models:/", "runs:/")):
-            import mlflow
+            import mlflow.artifacts
 
-            if self.tracking_uri:
-                mlflow.set_tracking_uri(self.tracking_uri)
             dest = self.cache_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", source)
             if not (dest / "config.json").is_file():
                 dest.mkdir(parents=True, exist_ok=True)
-                mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest))
+                # tracking_uri None: MLFLOW_TRACKING_URI from the environment (the Helm chart sets it)
+                mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=self.tracking_uri,
+                                                    registry_uri=self.tracking_uri)
             return dest
         if any(c in source for c in "*?["):
             root = Path(source).anchor or "."

@@ -84,15 +84,16 @@ def test_serve_command_prints_the_resolved_config(tmp_path, tiny_exports, capsys
 
 
 def test_models_from_an_mlflow_registry(tmp_path, tiny_exports):
-    mlflow = pytest.importorskip("mlflow")
+    pytest.importorskip("mlflow")
     from mlflow import MlflowClient
 
+    # A client bound to a private store: no process-wide tracking URI is changed for other tests.
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    exp = mlflow.create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
-    with mlflow.start_run(experiment_id=exp) as run:
-        mlflow.log_artifacts(str(tiny_exports["base"]), artifact_path="export")
-    client = MlflowClient(uri)
+    client = MlflowClient(uri, registry_uri=uri)
+    exp = client.create_experiment("serving-test", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = client.create_run(exp)
+    client.log_artifacts(run.info.run_id, str(tiny_exports["base"]), artifact_path="export")
+    client.set_terminated(run.info.run_id)
     client.create_registered_model("cxr-tiny")
     client.create_model_version("cxr-tiny", f"{run.info.artifact_uri}/export", run_id=run.info.run_id)
     catalog = ModelCatalog({"tenant-ft": "models:/cxr-tiny/1"}, tracking_uri=uri, cache_dir=str(tmp_path / "cache"))
