@@ -42,7 +42,8 @@ class AppArgs(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     tenants: str = Field(description="tenant store: .yaml or SQLite .db (cxrfm tenants add ...)")
-    models: dict[str, str] = Field(default_factory=dict, description="model id -> export dir (globs allowed) or models:/name/version")
+    models: dict[str, str] = Field(default_factory=dict,
+                                   description="model id -> export dir (globs allowed) or models:/name/version")
     model_dir: str | None = Field(None, description="shorthand for models: {<default_model>: model_dir}")
     default_model: str = "base"
     tasks: list[str] = Field(default_factory=lambda: ["report", "vqa", "grounding", "generate"])
@@ -72,7 +73,8 @@ class AppArgs(BaseModel):
         if self.model_dir:
             models.setdefault(self.default_model, self.model_dir)
         if self.default_model not in models:
-            raise ValueError(f"default_model {self.default_model!r} is not in models {sorted(models)}; set models or model_dir")
+            raise ValueError(f"default_model {self.default_model!r} is not in models {sorted(models)}; "
+                             "set models or model_dir")
         return models
 
 
@@ -166,7 +168,8 @@ async def _parse_form(task: str, request: Request, body: bytes) -> dict:
             # A part without a filename arrives as text; its bytes still go through the image checks.
             files[key] = await value.read() if hasattr(value, "read") else value.encode("utf-8", "surrogateescape")
         elif hasattr(value, "read"):
-            raise ApiError(400, "invalid_request", f"file field {key!r} is not accepted; image fields are {list(ROLES)}", key)
+            raise ApiError(400, "invalid_request", f"file field {key!r} is not accepted; image fields are {list(ROLES)}",
+                           key)
         else:
             data[key] = value
     await form.close()
@@ -181,7 +184,8 @@ class ApiContext:
 
     def __init__(self, request: Request, task: str, metrics: IngressMetrics):
         self.request_id, self.task, self.metrics = request_id_of(request), task, metrics
-        self.start, self.tenant, self.model, self.upload, self.images, self.tokens = time.perf_counter(), "-", None, None, None, None
+        self.start, self.tenant, self.model = time.perf_counter(), "-", None
+        self.upload = self.images = self.tokens = None
 
     def finish(self, status: int, code: str | None = None, stream: bool = False) -> None:
         latency = time.perf_counter() - self.start
@@ -229,7 +233,8 @@ class Ingress:
             await asyncio.to_thread(self.auth.store.tenants)
             await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in self.tasks.values())), timeout=10)
         except Exception as e:  # noqa: BLE001 - any failure means not ready
-            return ApiError(503, "not_ready", f"not ready: {type(e).__name__}", retry_after=5).response(request_id_of(request))
+            err = ApiError(503, "not_ready", f"not ready: {type(e).__name__}", retry_after=5)
+            return err.response(request_id_of(request))
         return {"status": "ready", "tasks": sorted(self.tasks)}
 
     # ---- API ----------------------------------------------------------------------------------------
@@ -288,7 +293,8 @@ class Ingress:
         try:
             d = await self.limiter.acquire.remote(tenant.name, tenant.rate_per_s, tenant.burst, tenant.max_concurrency)
         except Exception as e:  # noqa: BLE001 - without the limiter, limits cannot be kept: refuse
-            raise ApiError(503, "limiter_unavailable", f"rate limiter unavailable ({type(e).__name__})", retry_after=1) from None
+            raise ApiError(503, "limiter_unavailable", f"rate limiter unavailable ({type(e).__name__})",
+                           retry_after=1) from None
         if not d["ok"]:
             what = (f"{tenant.max_concurrency} requests in flight is this tenant's limit" if d["reason"] == "concurrency"
                     else f"over this tenant's rate of {tenant.rate_per_s}/s (burst {tenant.burst})")
@@ -323,11 +329,13 @@ class Ingress:
             item = {"text": getattr(req, TEXT_FIELD[task]), "max_new_tokens": getattr(req, "max_new_tokens", None)}
             if task == "generate":
                 if req.steps > self.args.max_generate_steps:  # the cost of a sample grows with its steps
-                    raise ApiError(400, "invalid_request", f"steps: at most {self.args.max_generate_steps} on this server", "steps")
+                    raise ApiError(400, "invalid_request", f"steps: at most {self.args.max_generate_steps} on this server",
+                                   "steps")
                 item.update(seed=req.seed, steps=req.steps, guidance_scale=req.guidance_scale)
             else:
                 # Decoding is CPU work; a thread keeps the ingress answering others meanwhile.
-                item["images"] = await asyncio.to_thread(decode_study, raw, tenant.max_upload_bytes, self.args.max_image_pixels)
+                item["images"] = await asyncio.to_thread(decode_study, raw, tenant.max_upload_bytes,
+                                                         self.args.max_image_pixels)
                 ctx.images = ",".join(f"{r}:{a.shape[1]}x{a.shape[0]}" for r, a in item["images"].items())
             handle = self.tasks[task].options(multiplexed_model_id=ctx.model)
             if getattr(req, "stream", False):

@@ -19,7 +19,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import re
+import shutil
+import tempfile
 import time
 from collections import Counter, defaultdict, deque
 from pathlib import Path
@@ -56,18 +59,49 @@ class ModelCatalog:
 
             dest = self.cache_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", source)
             if not (dest / "config.json").is_file():
-                dest.mkdir(parents=True, exist_ok=True)
-                # tracking_uri None: MLFLOW_TRACKING_URI from the environment (the Helm chart sets it)
-                mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(dest), tracking_uri=self.tracking_uri,
-                                                    registry_uri=self.tracking_uri)
+                uri = self._registry_source(source) if source.startswith("models:/") else source
+                # Download beside the cache entry, then rename: a half-downloaded export is never used,
+                # and replicas on one node that race for the same model end with one complete copy.
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".download-"))
+                try:
+                    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging),
+                                                                tracking_uri=self.tracking_uri)
+                    try:
+                        os.replace(local, dest)
+                    except OSError:
+                        if not (dest / "config.json").is_file():
+                            raise
+                finally:
+                    shutil.rmtree(staging, ignore_errors=True)
             return dest
         if any(c in source for c in "*?["):
             root = Path(source).anchor or "."
-            matches = sorted(Path(root).glob(str(Path(source).relative_to(root))), key=lambda p: p.stat().st_mtime)
+            # A link's own mtime: symlinked exports would otherwise all share their target's.
+            matches = sorted(Path(root).glob(str(Path(source).relative_to(root))), key=lambda p: p.lstat().st_mtime)
             if not matches:
                 raise FileNotFoundError(f"model {model_id!r}: nothing matches {source}; train one with `cxrfm train`")
             return matches[-1]
         return Path(source)
+
+    def _registry_source(self, uri: str) -> str:
+        """models:/name/version, models:/name/latest or models:/name@alias -> the version's artifact URI.
+        Resolved with a client bound to our store: MLflow's own models:/ download reads only the
+        process-wide registry URI. tracking_uri None: MLFLOW_TRACKING_URI from the environment."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
+        name, _, ref = uri[len("models:/"):].partition("/")
+        if "@" in name:
+            name, alias = name.split("@", 1)
+            version = client.get_model_version_by_alias(name, alias).version
+        elif ref in ("", "latest"):
+            version = max((v.version for v in client.search_model_versions(f"name='{name}'")), key=int, default=None)
+            if version is None:
+                raise FileNotFoundError(f"{uri}: the registered model {name!r} has no versions")
+        else:
+            version = ref
+        return client.get_model_version_download_uri(name, version)
 
     def load(self, model_id: str):
         from cxrfm.model.generate import Predictor
@@ -320,12 +354,13 @@ class _ImageGeneratorBase(_TaskBase):
     async def _run_one(self, predictor, item: dict, model_id: str) -> dict:
         from PIL import Image
 
-        if not hasattr(predictor, "generate_image"):
-            return error(501, "not_implemented", "this server's model build has no image decoder (generate_image)")
+        if not hasattr(predictor, "generate_image") or getattr(predictor.model, "diffusion", None) is None:
+            return error(501, "not_implemented", f"model {model_id!r} has no diffusion decoder; it cannot generate images")
         seed = item.get("seed")
         seed = int(seed) if seed is not None else int(time.time_ns() % 2**31)
         try:
-            image = await asyncio.to_thread(predictor.generate_image, item["text"], seed, item["steps"], item["guidance_scale"])
+            image = await asyncio.to_thread(predictor.generate_image, item["text"], seed, item["steps"],
+                                            item["guidance_scale"])
         except ValueError as e:
             return error(400, "bad_input", str(e))
         except Exception as e:  # noqa: BLE001

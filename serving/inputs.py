@@ -108,7 +108,8 @@ def _decode_dicom(data: bytes, field: str, max_pixels: int) -> np.ndarray:
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - pydicom raises several types for malformed files
-        raise InputError(400, "corrupt_dicom", f"{field}: the DICOM file cannot be parsed ({type(e).__name__})", field) from None
+        raise InputError(400, "corrupt_dicom", f"{field}: the DICOM file cannot be parsed ({type(e).__name__})",
+                         field) from None
     if "PixelData" not in ds and "FloatPixelData" not in ds and "DoubleFloatPixelData" not in ds:
         raise InputError(400, "dicom_without_pixels", f"{field}: the DICOM file has no pixel data "
                          "(element (7FE0,0010) is missing); send the image object, not a report or SR", field)
@@ -126,7 +127,8 @@ def _decode_dicom(data: bytes, field: str, max_pixels: int) -> np.ndarray:
             raise InputError(415, "dicom_unsupported_syntax", f"{field}: DICOM transfer syntax '{name}' cannot be "
                              "decoded here; send uncompressed or baseline-JPEG DICOM", field) from None
         raise InputError(400, "corrupt_dicom", f"{field}: the DICOM pixel data cannot be decoded "
-                         f"({type(e).__name__}; truncated file or inconsistent Rows/Columns/BitsAllocated?)", field) from None
+                         f"({type(e).__name__}; truncated file or inconsistent Rows/Columns/BitsAllocated?)",
+                         field) from None
     photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
     if arr.ndim == 3 and arr.shape[-1] in (3, 4):  # colour secondary captures: take luminance
         return np.asarray(Image.fromarray(_to_uint8(arr[..., :3], 0, float(arr.max()) or 1.0)).convert("L"))
@@ -145,7 +147,8 @@ def _decode_dicom(data: bytes, field: str, max_pixels: int) -> np.ndarray:
     except InputError:
         raise
     except Exception as e:  # noqa: BLE001 - malformed LUT/window attributes
-        raise InputError(400, "corrupt_dicom", f"{field}: the DICOM windowing attributes are invalid ({type(e).__name__})", field) from None
+        raise InputError(400, "corrupt_dicom", f"{field}: the DICOM windowing attributes are invalid "
+                         f"({type(e).__name__})", field) from None
     if photometric == "MONOCHROME1":
         img = 255 - img  # MONOCHROME1 stores low values as white
     return img

@@ -188,7 +188,8 @@ class _SqliteStore:
 
     def put_tenant(self, tenant: Tenant) -> None:
         with self._db(create=True) as db:
-            db.execute("INSERT OR REPLACE INTO tenants VALUES (?, ?)", (tenant.name, tenant.model_dump_json(exclude={"name"})))
+            db.execute("INSERT OR REPLACE INTO tenants VALUES (?, ?)",
+                       (tenant.name, tenant.model_dump_json(exclude={"name"})))
         os.chmod(self.path, 0o600)
 
     def put_key(self, rec: KeyRecord) -> None:

@@ -33,12 +33,12 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--requests", type=int, default=32, help="requests per level and mode (at least 2x the level)")
     p.add_argument("--level-timeout-s", type=float, default=90.0, help="stop issuing requests after this long")
     p.add_argument("--max-batch-size", type=int, default=8)
-    p.add_argument("--batch-wait-s", type=float, default=0.02)
+    p.add_argument("--batch-wait-s", type=float, default=0.05)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of a ReportGenerator replica")
     p.add_argument("--autoscale-max", type=int, default=3, help="max replicas in the autoscaling run (0: skip it)")
     p.add_argument("--autoscale-concurrency", type=int, default=12)
-    p.add_argument("--autoscale-load-s", type=float, default=45.0)
+    p.add_argument("--autoscale-load-s", type=float, default=60.0)
     p.add_argument("--autoscale-idle-s", type=float, default=60.0, help="watch this long after the load stops")
     return p
 

@@ -177,7 +177,8 @@ def server(tiny_exports, tmp_path_factory):
         "tenants": str(store),
         "models": {"base": str(tiny_exports["base"]), "acme-ft": str(tiny_exports["ft"]),
                    "acme-v2": str(tiny_exports["ft"]), "beta-ft": str(tiny_exports["ft"])},
-        "tasks": tasks, "max_models_per_replica": 2, "max_image_pixels": 4_000_000, "max_generate_steps": 4, "auth_cache_ttl_s": 2,
+        "tasks": tasks, "max_models_per_replica": 2, "max_image_pixels": 4_000_000, "max_generate_steps": 4,
+        "auth_cache_ttl_s": 2,
         "deployment_options": options,
     }
     try:
