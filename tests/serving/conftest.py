@@ -171,6 +171,8 @@ def server(tiny_exports, tmp_path_factory):
     # A long enough batch window that concurrent test requests reliably share a batch.
     options["ReportGenerator"]["user_config"] = {"max_batch_size": 8, "batch_wait_timeout_s": 0.3}
     options["VQA"]["user_config"] = {"max_batch_size": 4, "batch_wait_timeout_s": 0.05}
+    # Grounding sheds load early: one request running, one waiting, the rest answered 503 at once.
+    options["Grounding"].update(max_ongoing_requests=1, max_queued_requests=1)
     options = {k: v for k, v in options.items() if k in ("Ingress", "ReportGenerator", "VQA", "Grounding")
                or (k == "ImageGenerator" and HAS_GENERATE)}
     args = {

@@ -90,6 +90,18 @@ def test_concurrency_limit_429_and_slot_release(server):
     assert one(0).status_code == 200  # every slot came back
 
 
+def test_overload_is_shed_with_503(server):
+    def one(_):
+        return server.post("/v1/grounding", "acme", json=study(phrase="effusion", max_new_tokens=24))
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(8)))
+    shed = [r for r in results if r.status_code == 503]
+    assert shed and any(r.status_code == 200 for r in results), [r.status_code for r in results]
+    assert all(error_of(r)["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1 for r in shed)
+    assert one(0).status_code == 200  # and it serves again once the burst is gone
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 def _files(data: bytes, name: str = "frontal") -> dict:
     return {"files": {name: ("upload.bin", data)}, "data": {"indication": "cough"}}
