@@ -142,7 +142,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from ray.serve.scripts import cli as serve_cli
 
     try:
-        return serve_cli.main(["run", f.name], standalone_mode=False) or 0
+        # "local" starts a private Ray instance; without it Ray would attach to whatever cluster RAY_ADDRESS
+        # or /tmp/ray/ray_current_cluster names.
+        return serve_cli.main(["run", "--address", args.address, f.name], standalone_mode=False) or 0
     finally:
         os.unlink(f.name)
 
@@ -157,6 +159,8 @@ def add_serve_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, help="HTTP port")
     p.add_argument("--demo-model", action="store_true",
                    help=f"serve an untrained tiny model (built once in {DEMO_EXPORT}) as the default model")
+    p.add_argument("--address", default="local",
+                   help="Ray cluster: 'local' (default) starts a private one on this machine; 'auto' or HOST:PORT joins one")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.set_defaults(func=cmd_serve)
     add_tenants_parser(subparsers)

@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -287,10 +288,11 @@ def _free_port() -> int:
 def ray_head():
     """`ray start --head --block` in its own process group; the dashboard listens on loopback only.
     Token auth with a fresh token, so the test neither depends on nor touches ~/.ray."""
-    if not shutil.which("ray"):
-        pytest.skip("the `ray` command is not installed")
     token = secrets.token_hex(16)
-    env = dict(os.environ, RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+    # This interpreter's Ray and its scripts (`cxrfm` for the jobs), even when its venv is not activated.
+    bindir = str(Path(sys.executable).parent)
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
+               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
                # Shared 2-core CI machines stall processes for seconds: a head that declares its own
                # raylet dead under load takes the dashboard with it, so health checks are patient.
                RAY_health_check_period_ms="10000", RAY_health_check_timeout_ms="60000",
@@ -298,15 +300,18 @@ def ray_head():
                RAY_DASHBOARD_STARTUP_TIMEOUT_S="240")
     tmp = tempfile.mkdtemp(prefix="cxrfm-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
     dash = _free_port()
+    # Every port picked free: the defaults (6379, 8265, 10001, the agent's 52365) may belong to another
+    # Ray on a shared machine, and an agent that cannot bind leaves the head unable to run any job.
     proc = subprocess.Popen(
-        ["ray", "start", "--head", "--block", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", tmp,
-         "--disable-usage-stats"],
+        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
+         "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(_free_port()),
+         "--ray-client-server-port", str(_free_port()), "--include-dashboard", "true", "--num-cpus", "2",
+         "--temp-dir", tmp, "--disable-usage-stats"],
         env=env, start_new_session=True, stdout=open(Path(tmp) / "ray-start.log", "w"), stderr=subprocess.STDOUT)
     saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
     os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
     # The head's job agent registers late on a loaded machine: let submissions wait for it longer.
-    agent_wait, jobs_module.AGENT_WAIT_S = jobs_module.AGENT_WAIT_S, 600
+    agent_wait, jobs_module.AGENT_WAIT_S = jobs_module.AGENT_WAIT_S, 300
     address = f"http://127.0.0.1:{dash}"
     try:
         from ray.job_submission import JobSubmissionClient
@@ -366,7 +371,7 @@ def test_ray_jobs_stop_and_unknown_id(ray_head, tmp_path, capsys):
 @pytest.mark.slow
 def test_ray_jobs_runs_the_tiny_training_job(ray_head, tmp_path, capsys):
     """`cxrfm train jobs/tiny.yaml` submitted through the Jobs API trains to completion."""
-    if not shutil.which("cxrfm"):
+    if not (Path(sys.executable).parent / "cxrfm").exists() and not shutil.which("cxrfm"):
         pytest.skip("the `cxrfm` command is not installed (pip install -e .)")
     overrides = ["train.max_steps=10", "data.num_studies=60", f"train.output_dir={tmp_path / 'run'}",
                  f"data.shards={tmp_path / 'shards'}", "train.checkpoint_every=10"]
