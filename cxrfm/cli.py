@@ -99,7 +99,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     import json as _json
     from pathlib import Path
 
-    from cxrfm.eval.evaluate import evaluate, format_table, log_to_mlflow
+    from cxrfm.eval.evaluate import evaluate, format_comparison, format_table, log_to_mlflow
 
     export = Path(args.checkpoint)
     if not (export / "config.json").is_file():
@@ -110,8 +110,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks.remove("generate")
         print("note: generate is not scored without --classifier (train one: cxrfm classifier train SHARDS --out clf.pt)")
     metrics = evaluate(export, shards, args.split, tasks, args.limit, args.batch_size, args.device,
-                       classifier=args.classifier, image_steps=args.image_steps)
+                       classifier=args.classifier, image_steps=args.image_steps, baselines=not args.no_baselines)
     print(format_table(metrics))
+    if not args.no_baselines:
+        print(format_comparison(metrics))
+    if args.json:
+        Path(args.json).write_text(_json.dumps(metrics, indent=1, sort_keys=True))
     if not args.no_mlflow:
         print(f"logged to MLflow run {log_to_mlflow(metrics, export, args.split)}")
     return 0
@@ -132,7 +136,7 @@ def cmd_generate_image(args: argparse.Namespace) -> int:
 def cmd_classifier_train(args: argparse.Namespace) -> int:
     from cxrfm.eval.image_classifier import train_classifier
 
-    path = train_classifier(args.shards, args.out, epochs=args.epochs)
+    path = train_classifier(args.shards, args.out, epochs=args.epochs, image_size=args.image_size)
     print(f"wrote {path}; score generated images with: cxrfm eval EXPORT --classifier {path}")
     return 0
 
@@ -207,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-mlflow", action="store_true")
+    p.add_argument("--no-baselines", action="store_true", help="skip the same-run baselines (faster)")
+    p.add_argument("--json", help="also write every metric to this JSON file")
     p.set_defaults(func=cmd_eval)
 
     clf = sub.add_parser("classifier", help="the finding classifier that scores generated images")
@@ -214,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("shards")
     p.add_argument("--out", required=True)
     p.add_argument("--epochs", type=int, default=8)
+    p.add_argument("--image-size", type=int, default=64,
+                   help="side the classifier sees; use the diffusion decoder's image size to score its samples fairly")
     p.set_defaults(func=cmd_classifier_train)
 
     for entry in COMMAND_GROUPS:

@@ -19,6 +19,7 @@ import numpy as np
 
 from cxrfm.data.schema import Study
 from cxrfm.data.shards import load_manifest
+from cxrfm.eval.baselines import fit_baselines
 from cxrfm.model.generate import GenerationOptions, Predictor, load_image
 
 EVAL_TASKS = ("report", "vqa", "grounding", "generate")
@@ -70,13 +71,16 @@ def _batched(items: list, size: int) -> Iterator[list]:
 def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", tasks=EVAL_TASKS,
              limit: int | None = None, batch_size: int = 16, device: str = "cpu",
              options: GenerationOptions | None = None, classifier: str | Path | None = None,
-             image_steps: int | None = None) -> dict[str, float]:
+             image_steps: int | None = None, baselines: bool = True) -> dict[str, float]:
+    """Model metrics under `<task>/...`; with `baselines`, the same metrics of every baseline (fitted on the
+    train split of the same shards) under `baseline/<name>/<task>/...`."""
     predictor = Predictor(export_dir, device=device)
     options = options or GenerationOptions(max_new_tokens=160)
     studies = list(iter_split(shards, split, limit))
     if not studies:
         raise ValueError(f"no {split!r} studies in {shards}")
     metrics: dict[str, float] = {"studies": len(studies)}
+    base = fit_baselines(list(iter_split(shards, "train"))) if baselines else None
 
     if "report" in tasks:
         from cxrfm.eval.clinical import clinical_efficacy
@@ -88,8 +92,15 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
             generated += [a.text for a in predictor.generate_batch(
                 [{"task": "report", "images": ims, "text": _report_prompt(s)} for s, ims in chunk], options)]
         refs = [s.report.lower() for s, _ in reqs]
-        metrics.update({f"report/{k}": v for k, v in nlg_metrics(generated, refs).items() if isinstance(v, (int, float))})
-        metrics.update({f"report/{k}": v for k, v in clinical_efficacy(generated, refs).items()})
+        candidates = {"report": generated}
+        if base is not None:
+            candidates["baseline/most_frequent/report"] = [base.most_frequent_report.lower()] * len(reqs)
+            candidates["baseline/nn_retrieval/report"] = [
+                (base.retrieve_report(ims["frontal"]) if "frontal" in ims else base.most_frequent_report).lower()
+                for _, ims in reqs]
+        for prefix, texts in candidates.items():
+            metrics.update({f"{prefix}/{k}": v for k, v in nlg_metrics(texts, refs).items() if isinstance(v, (int, float))})
+            metrics.update({f"{prefix}/{k}": v for k, v in clinical_efficacy(texts, refs).items()})
 
     if "vqa" in tasks:
         pairs = [(s, ims, qa) for s, ims in studies for qa in s.vqa]
@@ -98,10 +109,13 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
         for chunk in _batched(pairs, batch_size):
             answers = predictor.generate_batch([{"task": "vqa", "images": ims, "text": qa.question} for _, ims, qa in chunk], short)
             for (_, _, qa), a in zip(chunk, answers):
-                hit = int(normalize_answer(a.text) == normalize_answer(qa.answer))
-                for key in ("all", f"type/{qa.qtype}", "closed" if qa.closed else "open"):
-                    hits[key].append(hit)
-        metrics.update({f"vqa/exact_match/{k}": float(np.mean(v)) for k, v in hits.items()})
+                truth = normalize_answer(qa.answer)
+                runs = [("", a.text)] + ([("baseline/majority/", base.answer(qa.question))] if base else [])
+                for prefix, text in runs:
+                    hit = int(normalize_answer(text) == truth)
+                    for key in ("all", f"type/{qa.qtype}", "closed" if qa.closed else "open"):
+                        hits[f"{prefix}vqa/exact_match/{key}"].append(hit)
+        metrics.update({k: float(np.mean(v)) for k, v in hits.items()})
 
     if "grounding" in tasks:
         items = [(s, ims, gp) for s, ims in studies for gp in s.grounding if gp.image_role in ims]
@@ -110,14 +124,20 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
         short = GenerationOptions(max_new_tokens=4 * 4 + 1)
         for chunk in _batched(items, batch_size):
             answers = predictor.generate_batch([{"task": "grounding", "images": ims, "text": gp.phrase} for _, ims, gp in chunk], short)
-            for (_, _, gp), a in zip(chunk, answers):
+            for (s, ims, gp), a in zip(chunk, answers):
                 malformed += bool(a.problems)
-                iou = grounding_iou(a.boxes, [(b.x1, b.y1, b.x2, b.y2) for b in gp.boxes])
-                ious["all"].append(iou)
-                ious[gp.label].append(iou)
-        for k, v in ious.items():
-            metrics[f"grounding/miou/{k}"] = float(np.mean(v))
-            metrics[f"grounding/acc@0.5/{k}"] = float(np.mean([x >= 0.5 for x in v]))
+                truth = [(b.x1, b.y1, b.x2, b.y2) for b in gp.boxes]
+                runs = [("", a.boxes)]
+                if base is not None:
+                    ref = s.image(gp.image_role)
+                    runs.append(("baseline/prior_box/", [base.prior_box(gp.label, ref.width, ref.height)]))
+                for prefix, boxes in runs:
+                    iou = grounding_iou(boxes, truth)
+                    ious[(prefix, "all")].append(iou)
+                    ious[(prefix, gp.label)].append(iou)
+        for (prefix, k), v in ious.items():
+            metrics[f"{prefix}grounding/miou/{k}"] = float(np.mean(v))
+            metrics[f"{prefix}grounding/acc@0.5/{k}"] = float(np.mean([x >= 0.5 for x in v]))
         metrics["grounding/malformed_answers"] = malformed
 
     if "generate" in tasks and predictor.model.diffusion is not None:
@@ -130,8 +150,27 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
         items = [(s, ims) for s, ims in studies if s.report and "frontal" in ims]
         generated = np.stack([predictor.generate_image(s.report, seed=i, steps=image_steps) for i, (s, _) in enumerate(items)])
         real = np.stack([np.asarray(_resize(ims["frontal"], generated.shape[-1])) for _, ims in items])
-        metrics.update(score_images(clf, generated, [s.labels for s, _ in items], real))
+        prompt_labels = [s.labels for s, _ in items]
+        metrics.update(score_images(clf, generated, prompt_labels, real))
+        if base is not None:
+            metrics.update(_image_baselines(clf, real, prompt_labels))
     return metrics
+
+
+def _image_baselines(clf, real: np.ndarray, prompt_labels: list[dict]) -> dict[str, float]:
+    """Real test images in place of generated ones: random (chance) and random with the prompt's labels."""
+    from cxrfm.eval.baselines import pick_random_images
+    from cxrfm.eval.image_classifier import score_images, targets
+
+    vectors = np.stack([targets(lab) for lab in prompt_labels])
+    random_idx, same_idx = pick_random_images(vectors)
+    out = {f"baseline/random_image/{k}": v for k, v in score_images(clf, real[random_idx], prompt_labels, real).items()}
+    keep = [i for i, j in enumerate(same_idx) if j is not None]
+    out["baseline/random_same_label/generate/prompts_without_a_match"] = len(real) - len(keep)
+    if len(keep) >= 2:
+        scores = score_images(clf, real[[same_idx[i] for i in keep]], [prompt_labels[i] for i in keep], real)
+        out.update({f"baseline/random_same_label/{k}": v for k, v in scores.items()})
+    return out
 
 
 def _resize(image: np.ndarray, side: int) -> np.ndarray:
@@ -149,6 +188,48 @@ def _report_prompt(study: Study) -> str:
 def format_table(metrics: dict[str, float]) -> str:
     rows = [f"{'metric':<44} {'value':>10}"]
     rows += [f"{k:<44} {v:>10.4f}" for k, v in sorted(metrics.items())]
+    return "\n".join(rows)
+
+
+# Headline metrics and the baselines that answer the same question without a model.
+HEADLINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("report CE micro-F1-14", "report/ce14/micro_f1", ("most_frequent", "nn_retrieval")),
+    ("report CE micro-F1-5", "report/ce5/micro_f1", ("most_frequent", "nn_retrieval")),
+    ("report CE macro-F1-14", "report/ce14/macro_f1", ("most_frequent", "nn_retrieval")),
+    ("report BLEU-4", "report/bleu4", ("most_frequent", "nn_retrieval")),
+    ("report ROUGE-L", "report/rougeL", ("most_frequent", "nn_retrieval")),
+    ("VQA exact match", "vqa/exact_match/all", ("majority",)),
+    ("VQA closed", "vqa/exact_match/closed", ("majority",)),
+    ("VQA open", "vqa/exact_match/open", ("majority",)),
+    ("grounding acc@0.5", "grounding/acc@0.5/all", ("prior_box",)),
+    ("grounding mIoU", "grounding/miou/all", ("prior_box",)),
+    ("generate label agreement", "generate/label_agreement", ("random_image", "random_same_label")),
+    ("generate AUROC (macro)", "generate/auroc/macro", ("random_image", "random_same_label")),
+)
+BASELINE_NAMES = ("most_frequent", "nn_retrieval", "majority", "prior_box", "random_image", "random_same_label")
+
+
+def beats_baselines(metrics: dict[str, float]) -> dict[str, bool]:
+    """{headline metric: model strictly above every baseline scored for it} (metrics present only)."""
+    out = {}
+    for title, key, names in HEADLINE:
+        scored = [metrics[f"baseline/{n}/{key}"] for n in names if f"baseline/{n}/{key}" in metrics]
+        if key in metrics and scored:
+            out[title] = metrics[key] > max(scored)
+    return out
+
+
+def format_comparison(metrics: dict[str, float]) -> str:
+    """Model vs every baseline on the headline metrics, one row per metric ('-': not applicable)."""
+    rows = [f"{'metric':<28} {'model':>8} " + " ".join(f"{n:>17}" for n in BASELINE_NAMES) + "  beats all"]
+    wins = beats_baselines(metrics)
+    for title, key, names in HEADLINE:
+        if key not in metrics:
+            continue
+        cells = [f"{metrics[f'baseline/{n}/{key}']:>17.4f}" if n in names and f"baseline/{n}/{key}" in metrics
+                 else f"{'-':>17}" for n in BASELINE_NAMES]
+        verdict = {True: "yes", False: "NO"}.get(wins.get(title), "-")
+        rows.append(f"{title:<28} {metrics[key]:>8.4f} " + " ".join(cells) + f"  {verdict}")
     return "\n".join(rows)
 
 
