@@ -1,0 +1,73 @@
+import pytest
+
+from cxrfm.data.sources import get_converter
+from cxrfm.data.sources.base import BuildReport
+from tests.data.sources.fixtures_grounding import MS_A, MS_B, MS_E, MS_F, write_ms_cxr
+from tests.data.sources.roundtrip import roundtrip
+
+
+@pytest.fixture
+def converted(tmp_path):
+    write_ms_cxr(tmp_path / "raw")
+    return roundtrip(get_converter("ms_cxr")(), tmp_path / "raw", tmp_path / "shards")
+
+
+def test_phrases_boxes_and_labels_survive_the_shards(converted):
+    loaded, back, _ = converted
+    assert set(back) == {f"ms_cxr-{d}" for d in (MS_A, MS_B, MS_E, MS_F)}
+    a = back[f"ms_cxr-{MS_A}"][0]
+    assert (a.source, a.patient_id, a.license.startswith("PhysioNet")) == ("ms_cxr", "10000032", True)
+    assert [(im.role, im.view, im.width, im.height) for im in a.images] == [("frontal", "PA", 80, 64)]
+    phrases = {g.phrase: g for g in a.grounding}
+    pneumonia = phrases["Bibasilar opacities concerning for pneumonia"]
+    assert pneumonia.label == "Pneumonia" and pneumonia.image_role == "frontal"
+    assert [(b.x1, b.y1, b.x2, b.y2) for b in pneumonia.boxes] == [(4, 30, 24, 50), (50, 32, 72, 50)]
+    assert [(b.x1, b.y1, b.x2, b.y2) for b in phrases["The heart is enlarged"].boxes] == [(25, 20, 55, 50)]
+    assert a.labels == {"Pneumonia": 1, "Cardiomegaly": 1}
+    assert a.source_labels == {"Pneumonia": "1", "Cardiomegaly": "1"}
+    assert a.findings == "" and a.vqa == []
+    assert back[f"ms_cxr-{MS_A}"][1]["frontal"].shape == (64, 80)
+
+
+def test_boxes_outside_the_image_are_clipped_or_dropped(converted):
+    _, back, report = converted
+    b = back[f"ms_cxr-{MS_B}"][0]
+    assert [g.phrase for g in b.grounding] == ["Small left pleural effusion"]  # the pneumothorax box was outside
+    assert [(x.x1, x.y1, x.x2, x.y2) for x in b.grounding[0].boxes] == [(60, 40, 80, 64)]
+    assert b.labels == {"Pleural Effusion": 1, "Pneumothorax": 1}  # the finding is still positive
+    assert report.counts["box_partly_outside_clipped"] == 1
+    assert report.counts["box_outside_image"] == 1
+    assert report.counts["phrase_without_boxes"] == 1
+
+
+def test_boxes_follow_a_downsized_copy_of_the_image(converted):
+    _, back, _ = converted
+    e = back[f"ms_cxr-{MS_E}"][0]  # annotated on 160x128, stored at 80x64
+    assert (e.images[0].width, e.images[0].height) == (80, 64)
+    assert [(x.x1, x.y1, x.x2, x.y2) for x in e.grounding[0].boxes] == [(10, 20, 30, 40)]
+
+
+def test_official_split_and_no_patient_in_two_splits(converted):
+    _, back, report = converted
+    splits = {sid: s.split for sid, (s, _) in back.items()}
+    # A (train) and F (test) belong to one patient: both end in test, and the move is counted
+    assert splits[f"ms_cxr-{MS_A}"] == splits[f"ms_cxr-{MS_F}"] == "test"
+    assert splits[f"ms_cxr-{MS_B}"] == "val" and splits[f"ms_cxr-{MS_E}"] == "train"
+    assert report.counts["patient_in_several_splits_moved"] == 1
+    patients = {}
+    for s, _ in back.values():
+        patients.setdefault(s.patient_id, set()).add(s.split)
+    assert all(len(v) == 1 for v in patients.values())
+
+
+def test_report_counts_every_problem(converted):
+    _, _, report = converted
+    assert report.counts == {
+        "box_outside_image": 1, "box_partly_outside_clipped": 1, "duplicate_row": 1,
+        "image_corrupt_image": 1, "missing_file": 1, "patient_in_several_splits_moved": 1, "phrase_without_boxes": 1}
+    assert report.notes["ms_cxr_rows"] == 10
+
+
+def test_missing_annotation_file_names_what_to_do(tmp_path):
+    with pytest.raises(FileNotFoundError, match="MS_CXR_Local_Alignment"):
+        get_converter("ms_cxr")().scan(tmp_path, BuildReport())
