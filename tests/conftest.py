@@ -34,11 +34,6 @@ def small_shards(tmp_path_factory) -> Path:
     return out
 
 
-# Serving (issue 6) is unfinished: its tests are collected and shown as skipped with this reason, so the
-# gap stays visible; remove this hook when the serving issue is finished.
-SERVING_WIP = "serving (issue 6) is work in progress: several of its API tests still fail; not claimed as done"
-
-
 RAY_JOBS_WIP = ("platform (issue 7) is work in progress: the local Ray head these tests start did not come up "
                 "in a clean-venv run; not claimed as done")
 
@@ -46,7 +41,5 @@ RAY_JOBS_WIP = ("platform (issue 7) is work in progress: the local Ray head thes
 def pytest_collection_modifyitems(config, items):
     for item in items:
         path = str(item.fspath).replace("\\", "/")
-        if "tests/serving/" in path:
-            item.add_marker(pytest.mark.skip(reason=SERVING_WIP))
-        elif path.endswith("tests/test_jobs.py") and "ray_head" in getattr(item, "fixturenames", ()):
+        if path.endswith("tests/test_jobs.py") and "ray_head" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.skip(reason=RAY_JOBS_WIP))
