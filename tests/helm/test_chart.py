@@ -6,6 +6,7 @@ RayCluster specs are checked the same way."""
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,16 @@ CRDS = REPO.parent / "shared" / "kuberay-crds" / KUBERAY_VERSION
 K8S_VERSION = "1.30.0"
 pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay {KUBERAY_VERSION} CRDs not found at {CRDS}")
 
+def _tenant_store() -> tuple[str, str]:
+    """(the tenants YAML `cxrfm tenants add` writes, the plaintext key it printed)."""
+    from cxrfm.serving.tenants import Tenant, add_tenant
+
+    with tempfile.TemporaryDirectory() as d:
+        key = add_tenant(Path(d) / "tenants.yaml", Tenant(name="acme", models=["base"]))
+        return (Path(d) / "tenants.yaml").read_text(), key
+
+
+TENANTS_YAML, TENANT_KEY = _tenant_store()
 H100_WORKERS = {"replicas": 8, "gpusPerWorker": 8, "gpuProduct": "NVIDIA-H100-80GB-HBM3", "shmSize": "64Gi",
                 "resources": {"requests": {"cpu": "96", "memory": "1200Gi"}, "limits": {"cpu": "96", "memory": "1200Gi"}}}
 VALUE_SETS = {
@@ -30,7 +41,7 @@ VALUE_SETS = {
     "pretrain-h100": {
         "training": {"spec": "pretrain-m4cxr.yaml", "overrides": ["train.max_steps=100"], "workers": H100_WORKERS,
                      "runtimeEnv": {"env_vars": {"NCCL_DEBUG": "WARN"}}, "activeDeadlineSeconds": 604800},
-        "serving": {"workers": {"gpusPerWorker": 1, "gpuProduct": "NVIDIA-L4"}, "apiKeys": {"acme": "a" * 32},
+        "serving": {"workers": {"gpusPerWorker": 1, "gpuProduct": "NVIDIA-L4"}, "tenants": TENANTS_YAML,
                     "ingress": {"host": "cxr.example.org", "tls": {"enabled": True, "secretName": "cxr-tls"}}},
         "imagePullSecrets": [{"name": "registry"}],
     },
@@ -38,7 +49,7 @@ VALUE_SETS = {
         "mlflow": {"backendStore": {"internal": False, "host": "pg.db.svc", "existingSecret": "mlflow-db"},
                    "artifactStore": {"internal": False, "endpointUrl": "https://s3.example.org", "existingSecret": "mlflow-s3"}},
         "sharedStorage": {"existingClaim": "team-nfs"},
-        "serving": {"existingApiKeySecret": "tenant-keys"},
+        "serving": {"existingTenantsSecret": "tenant-store"},
     },
     "serving-only": {"training": {"enabled": False}, "mlflow": {"enabled": False},
                      "serving": {"ingress": {"enabled": False}, "podDisruptionBudget": {"enabled": False}}},
@@ -104,7 +115,7 @@ def test_default_release_objects(chart):
     kinds = sorted(f"{d['kind']}/{d['metadata']['name']}" for d in docs)
     for expected in ("RayJob/demo-cxrfm-train", "RayService/demo-cxrfm", "Deployment/demo-cxrfm-mlflow",
                      "StatefulSet/demo-cxrfm-postgresql", "Deployment/demo-cxrfm-objectstore", "Ingress/demo-cxrfm",
-                     "PodDisruptionBudget/demo-cxrfm-serving", "Role/demo-cxrfm-autoscaler", "Secret/demo-cxrfm-api-keys",
+                     "PodDisruptionBudget/demo-cxrfm-serving", "Role/demo-cxrfm-autoscaler", "Secret/demo-cxrfm-tenants",
                      "Secret/demo-cxrfm-postgresql", "Secret/demo-cxrfm-s3", "NetworkPolicy/demo-cxrfm-default-deny",
                      "PersistentVolumeClaim/demo-cxrfm-shared", "ServiceAccount/demo-cxrfm"):
         assert expected in kinds
@@ -120,7 +131,9 @@ def test_default_release_objects(chart):
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
     assert serve == values["serving"]["serveConfig"]
     assert serve["applications"][0]["import_path"] == "cxrfm.serving.app:build_app"
-    assert all("autoscaling_config" in d for d in serve["applications"][0]["deployments"])
+    # Task deployments and the ingress autoscale; the limiter holds the buckets and stays one replica.
+    for d in serve["applications"][0]["deployments"]:
+        assert ("autoscaling_config" in d) == (d["name"] != "TenantLimiter"), d["name"]
     assert service["spec"]["rayClusterConfig"]["enableInTreeAutoscaling"] is True
     ingress = by[("Ingress", "demo-cxrfm")]
     assert ingress["spec"]["rules"][0]["http"]["paths"][0]["backend"]["service"]["name"] == \
@@ -168,15 +181,68 @@ def test_gpu_values(chart):
     assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     assert pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert docs[("Ingress", "demo-cxrfm")]["spec"]["tls"] == [{"hosts": ["cxr.example.org"], "secretName": "cxr-tls"}]
-    keys = docs[("Secret", "demo-cxrfm-api-keys")]["stringData"]
-    assert yaml.safe_load(keys["api-keys.json"]) == {"acme": "a" * 32}
+
+
+
+def test_tenant_store_secret_holds_hashes_and_authenticates(chart, tmp_path):
+    from cxrfm.serving.tenants import Authenticator, split_key
+
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in render(chart, VALUE_SETS["pretrain-h100"])}
+    store = docs[("Secret", "demo-cxrfm-tenants")]["stringData"]["tenants.yaml"]
+    assert TENANT_KEY not in store and split_key(TENANT_KEY)[1] not in store  # hashes only
+    # The mounted file is the store `cxrfm tenants add` wrote: the key printed then works against it.
+    (tmp_path / "tenants.yaml").write_text(store)
+    assert Authenticator(tmp_path / "tenants.yaml").authenticate(TENANT_KEY).name == "acme"
+    # With no tenants given, the store is empty (every request 401) rather than holding a made-up key.
+    empty = {(d["kind"], d["metadata"]["name"]): d for d in render(chart, {})}
+    assert yaml.safe_load(empty[("Secret", "demo-cxrfm-tenants")]["stringData"]["tenants.yaml"]) == \
+        {"tenants": {}, "keys": []}
+
+
+def _ray_pods(service: dict) -> list[dict]:
+    cluster = service["spec"]["rayClusterConfig"]
+    return [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
+
+
+@pytest.mark.parametrize("name", ["default", "external-stores"])
+def test_serve_config_is_what_the_application_builds(chart, name):
+    """The RayService's serveConfigV2 is accepted by Serve's schema and by the real build_app, names exactly
+    the deployments build_app makes (the same set serving/tiny.yaml configures), and its tenants path is
+    the Secret every Ray pod mounts."""
+    from ray.serve._private.build_app import build_app as serve_build  # what `serve run`/`deploy` call
+    from ray.serve.schema import ServeDeploySchema
+
+    from cxrfm.serving.app import AppArgs, build_app
+    from cxrfm.serving.cli import IMPORT_PATH
+
+    docs = render(chart, VALUE_SETS[name])
+    service = next(d for d in docs if d["kind"] == "RayService")
+    config = yaml.safe_load(service["spec"]["serveConfigV2"])
+    ServeDeploySchema.model_validate(config)
+    (app,) = [a for a in config["applications"] if a["import_path"] == IMPORT_PATH]
+    args = AppArgs.model_validate(app["args"])
+    built = {d.name for d in serve_build(build_app(app["args"]), name=app["name"]).deployments}
+    configured = [d["name"] for d in app["deployments"]]
+    assert sorted(configured) == sorted(built)
+    tiny = yaml.safe_load((REPO / "serving" / "tiny.yaml").read_text())["applications"][0]
+    assert {d["name"] for d in tiny["deployments"]} == built
+    limiter = next(d for d in app["deployments"] if d["name"] == "TenantLimiter")
+    assert limiter["num_replicas"] == 1
+
+    secret = "tenant-store" if name == "external-stores" else "demo-cxrfm-tenants"
+    assert args.tenants == "/etc/cxrfm/secrets/tenants.yaml" and args.model_dir.startswith("/mnt/cxrfm/")
+    for pod in _ray_pods(service):
+        volume = next(v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == secret)
+        assert volume["secret"]["items"] == [{"key": "tenants.yaml", "path": "tenants.yaml"}]
+        mount = next(m for m in pod["containers"][0]["volumeMounts"] if m["name"] == volume["name"])
+        assert f"{mount['mountPath']}/tenants.yaml" == args.tenants and mount["readOnly"] is True
 
 
 def test_external_stores_render_no_internal_servers(chart):
     docs = render(chart, VALUE_SETS["external-stores"])
     names = {f"{d['kind']}/{d['metadata']['name']}" for d in docs}
     assert not {"StatefulSet/demo-cxrfm-postgresql", "Deployment/demo-cxrfm-objectstore",
-                "Secret/demo-cxrfm-postgresql", "Secret/demo-cxrfm-s3", "Secret/demo-cxrfm-api-keys",
+                "Secret/demo-cxrfm-postgresql", "Secret/demo-cxrfm-s3", "Secret/demo-cxrfm-tenants",
                 "PersistentVolumeClaim/demo-cxrfm-shared"} & names
     mlflow = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
     assert "--backend-store-uri=postgresql://$(DB_USER):$(DB_PASSWORD)@pg.db.svc:5432/mlflow" in mlflow["command"]
@@ -192,7 +258,8 @@ def test_external_stores_render_no_internal_servers(chart):
     ({"image": {"tag": None}}, "missing property 'tag'"),
     ({"mlflow": {"resources": {"requests": {"cpu": "1", "memory": "1Gi"}, "limits": None}}}, "missing property 'limits'"),
     ({"training": {"spec": "../../etc/passwd"}}, "/training/spec"),
-    ({"serving": {"apiKeys": {"acme": "short"}}}, "/serving/apiKeys/acme"),
+    ({"serving": {"apiKeys": {"acme": "a" * 32}}}, "additional properties 'apiKeys' not allowed"),  # no plaintext keys
+    ({"serving": {"tenants": {"acme": {}}}}, "/serving/tenants"),
     ({"mlflow": {"backendStore": {"internal": False}}}, "/mlflow/backendStore"),
     ({"replicas": 3}, "additional properties 'replicas' not allowed"),
 ])
@@ -206,6 +273,10 @@ def test_schema_rejects_bad_values(chart, values, where):
     ({"serving": {"workers": {"minReplicas": 5, "maxReplicas": 4}}}, "must not exceed serving.workers.maxReplicas"),
     ({"serving": {"podDisruptionBudget": {"minAvailable": 2}}}, "or every node drain blocks"),
     ({"mlflow": {"artifactStore": {"internal": False}}}, "an external store needs accessKeyId"),
+    ({"serving": {"tenants": TENANTS_YAML + f"# {TENANT_KEY}\n"}}, "holds a plaintext API key"),
+    ({"serving": {"tenants": "acme: " + "a" * 32}}, "is not a tenants YAML"),
+    ({"serving": {"tenants": "tenants: {acme: {}}\nkeys: [{key_id: abc, tenant: acme, key: secret}]"}},
+     "keys[0] needs key_id, tenant, salt and hash"),
 ])
 def test_template_guards(chart, values, message):
     with pytest.raises(helm.HelmRenderError) as err:

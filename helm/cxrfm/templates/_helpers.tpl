@@ -74,8 +74,25 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 {{- end -}}
 
-{{- define "cxrfm.apiKeySecret" -}}
-{{- default (printf "%s-api-keys" (include "cxrfm.fullname" .)) .Values.serving.existingApiKeySecret -}}
+{{- define "cxrfm.tenantsSecret" -}}
+{{- default (printf "%s-tenants" (include "cxrfm.fullname" .)) .Values.serving.existingTenantsSecret -}}
+{{- end -}}
+
+{{/* serving.tenants must be a store written by `cxrfm tenants add`: keys as salt + hash, never a key. */}}
+{{- define "cxrfm.checkTenants" -}}
+{{- $how := "give the file that `cxrfm tenants add NAME --store tenants.yaml` writes (--set-file serving.tenants=tenants.yaml)" -}}
+{{- if regexMatch "cxrfm_[0-9a-f]{12}_" . -}}
+{{- fail (printf "serving.tenants holds a plaintext API key; the store keeps salted hashes only: %s" $how) -}}
+{{- end -}}
+{{- $data := fromYaml . -}}
+{{- if or (hasKey $data "Error") (not (hasKey $data "tenants")) (not (kindIs "map" (get $data "tenants" | default dict))) -}}
+{{- fail (printf "serving.tenants is not a tenants YAML (a map with tenants: and keys:): %s" $how) -}}
+{{- end -}}
+{{- range $i, $k := (get $data "keys" | default list) -}}
+{{- if not (and (kindIs "map" $k) (hasKey $k "key_id") (hasKey $k "tenant") (hasKey $k "salt") (hasKey $k "hash")) -}}
+{{- fail (printf "serving.tenants: keys[%d] needs key_id, tenant, salt and hash: %s" $i $how) -}}
+{{- end -}}
+{{- end -}}
 {{- end -}}
 
 {{/* A value kept from the live Secret on upgrade, else the given one, else generated. */}}
