@@ -1,0 +1,158 @@
+"""VinDr-CXR (PhysioNet 1.0.0): 18,000 PA radiographs (DICOM) with reader boxes for 22 local findings.
+
+Expected under --root (the PhysioNet layout):
+    annotations/annotations_train.csv    image_id, rad_id, class_name, x_min, y_min, x_max, y_max (3 readers each)
+    annotations/annotations_test.csv     the same, one consensus reading (rad_id may be absent)
+    annotations/image_labels_train.csv   image_id, rad_id, 22 local + 6 global labels as 0/1
+    annotations/image_labels_test.csv   image_id, the same labels ("Other disease" spelled without the s)
+    train/<image_id>.dicom, test/<image_id>.dicom
+
+Reader consensus, per image and class: boxes of different readers are linked when IoU > 0.5 and each
+linked group becomes the mean box; it is kept when a majority of the image's readers drew it (2 of 3 in
+train, the single consensus reading in test), otherwise counted as "box_without_reader_majority". Image
+labels: positive when a majority of readers marked it, uncertain (-1) when only a minority did,
+negative otherwise; the vote is kept in source_labels as "k/n". There is no report text: grounding
+phrases are the class names. There are no patient ids (the release is de-identified per image), so each
+image is its own patient: leakage between images of one patient cannot be checked. Splits: the official
+test set is test; the official train set is divided into train and val by patient_split.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from cxrfm.data.schema import GroundedPhrase, ImageRef, Study
+from cxrfm.data.sources import base
+from cxrfm.data.sources.boxes import consensus_boxes, fit_box
+
+# Local (boxed) and global labels -> CheXpert; None: no CheXpert counterpart (kept in source_labels only).
+CHEXPERT_MAP: dict[str, str | None] = {
+    "Aortic enlargement": "Enlarged Cardiomediastinum", "Atelectasis": "Atelectasis", "Calcification": None,
+    "Cardiomegaly": "Cardiomegaly", "Clavicle fracture": "Fracture", "Consolidation": "Consolidation",
+    "Edema": "Edema", "Emphysema": None, "Enlarged PA": None, "ILD": None, "Infiltration": "Lung Opacity",
+    "Lung Opacity": "Lung Opacity", "Lung cavity": "Lung Lesion", "Lung cyst": "Lung Lesion",
+    "Mediastinal shift": None, "Nodule/Mass": "Lung Lesion", "Pleural effusion": "Pleural Effusion",
+    "Pleural thickening": "Pleural Other", "Pneumothorax": "Pneumothorax", "Pulmonary fibrosis": None,
+    "Rib fracture": "Fracture", "Other lesion": None,
+    "COPD": None, "Lung tumor": "Lung Lesion", "Pneumonia": "Pneumonia", "Tuberculosis": None,
+    "Other diseases": None, "No finding": "No Finding",
+}
+# Phrases the model reads for a class (abbreviations spelled out so the phrase is plain English).
+PHRASES = {"Nodule/Mass": "nodule or mass", "ILD": "interstitial lung disease",
+           "Enlarged PA": "enlarged pulmonary artery", "Other lesion": "other lesion"}
+RENAMED = {"Other disease": "Other diseases"}  # the test CSV's spelling -> the train CSV's
+NO_BOX = "No finding"
+
+
+def phrase_for(class_name: str) -> str:
+    return PHRASES.get(class_name, class_name.lower())
+
+
+def _annotation_dir(root: Path) -> Path:
+    for d in (root / "annotations", root):
+        if (d / "image_labels_train.csv").is_file() or (d / "annotations_train.csv").is_file():
+            return d
+    raise FileNotFoundError(f"{root}: no annotations/image_labels_train.csv or annotations/annotations_train.csv; "
+                            "point --root at the VinDr-CXR download (the folder holding annotations/, train/, test/)")
+
+
+def _read(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def _reader(row: dict) -> str:
+    return base.first_present(row, ("rad_id", "rad_ID", "Rad_ID"), default="consensus")
+
+
+class Converter(base.Converter):
+    name = "vindr_cxr"
+    license = "PhysioNet Credentialed Health Data License 1.5.0 (VinDr-CXR)"
+
+    def _votes(self, rows: list[dict]) -> dict[str, dict]:
+        """image_id -> {"readers": set, "positive": Counter of label -> readers marking it}."""
+        out: dict[str, dict] = defaultdict(lambda: {"readers": set(), "positive": defaultdict(int)})
+        for row in rows:
+            image = str(row.get("image_id", "")).strip()
+            entry, reader = out[image], _reader(row)
+            entry["readers"].add(reader)
+            for col, value in row.items():
+                name = RENAMED.get(col, col)
+                if name in CHEXPERT_MAP and str(value).strip() in ("1", "1.0"):
+                    entry["positive"][name] += 1
+        return out
+
+    def scan(self, root: Path, report: base.BuildReport) -> list[base.StudyRecord]:
+        root = Path(root)
+        ann = _annotation_dir(root)
+        report.note("vindr_cxr_patients", "no patient ids in VinDr-CXR: each image is its own patient")
+        records = []
+        for official in ("test", "train"):  # test first: an image listed in both is kept in test
+            votes = self._votes(_read(ann / f"image_labels_{official}.csv"))
+            marks: dict[str, dict[str, list]] = defaultdict(lambda: defaultdict(list))
+            for i, row in enumerate(_read(ann / f"annotations_{official}.csv")):
+                image, cls = str(row.get("image_id", "")).strip(), str(row.get("class_name", "")).strip()
+                votes[image]["readers"].add(_reader(row))
+                if cls == NO_BOX:
+                    continue
+                try:
+                    xyxy = [float(row[k]) for k in ("x_min", "y_min", "x_max", "y_max")]
+                except (KeyError, TypeError, ValueError):
+                    report.skip("bad_row", f"annotations_{official}.csv row {i + 2}",
+                                f"{cls!r} box without numeric x_min/y_min/x_max/y_max")
+                    continue
+                if cls not in CHEXPERT_MAP:
+                    report.skip("unknown_class", image, f"class {cls!r} is not a VinDr-CXR label; box kept as is")
+                marks[image][cls].append((_reader(row), xyxy))
+            for image, vote in votes.items():
+                if not image:
+                    continue
+                path = next((p for p in (root / official / f"{image}.dicom", root / official / f"{image}.dcm")
+                             if p.is_file()), None)
+                if path is None:
+                    report.skip("missing_file", image, f"{root / official / image}.dicom not found")
+                    continue
+                n = max(len(vote["readers"]), 1)
+                majority = n // 2 + 1
+                boxes = {}
+                for cls, cls_marks in marks[image].items():
+                    kept, dropped = consensus_boxes(cls_marks, min_readers=majority)
+                    for _ in range(dropped):
+                        report.skip("box_without_reader_majority", image,
+                                    f"{cls!r} drawn by fewer than {majority} of {n} readers")
+                    if kept:
+                        boxes[cls] = [list(b) for b in kept]
+                labels = {name: (1 if k >= majority else -1) for name, k in vote["positive"].items() if k > 0}
+                split = "test" if official == "test" else base.patient_split(image, fractions=(0.9, 0.1, 0.0))
+                records.append(base.StudyRecord(
+                    study_id=base.safe_key(self.name, image), patient_id=image, split=split,
+                    payload={"path": str(path), "boxes": boxes, "labels": labels, "readers": n,
+                             "votes": {k: f"{v}/{n}" for k, v in sorted(vote["positive"].items())}}))
+        return base.count_duplicates(records, report)
+
+    def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
+        p = record.payload
+        img = self.read(p["path"], record, report)
+        if img is None:
+            return None
+        height, width = img.shape
+        grounding = []
+        for cls, boxes in sorted(p["boxes"].items()):
+            fitted = [b for b in (fit_box(*xyxy, width, height, report, record.study_id) for xyxy in boxes) if b]
+            if not fitted:
+                report.skip("phrase_without_boxes", record.study_id, f"{cls!r}: every box was outside the image")
+                continue
+            grounding.append(GroundedPhrase(phrase=phrase_for(cls), label=CHEXPERT_MAP.get(cls) or cls, boxes=fitted))
+        # Every label not marked by any reader is a negative: VinDr-CXR readers saw all 28 labels.
+        values = {name: p["labels"].get(name, 0) for name in CHEXPERT_MAP}
+        study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
+                      license=self.license,
+                      images=[ImageRef(role="frontal", key="frontal.png", view="PA", width=width, height=height)],
+                      labels=base.map_to_chexpert(values, CHEXPERT_MAP), source_labels=p["votes"], grounding=grounding)
+        return study, {"frontal": img}

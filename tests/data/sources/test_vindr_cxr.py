@@ -1,0 +1,68 @@
+import pytest
+
+from cxrfm.data.sources import get_converter
+from tests.data.sources.fixtures_grounding import V1, V2, V3, V6, write_vindr_cxr
+from tests.data.sources.roundtrip import roundtrip
+
+
+@pytest.fixture
+def converted(tmp_path):
+    write_vindr_cxr(tmp_path / "raw")
+    return roundtrip(get_converter("vindr_cxr")(), tmp_path / "raw", tmp_path / "shards")
+
+
+def boxes(study):
+    return {g.phrase: [(b.x1, b.y1, b.x2, b.y2) for b in g.boxes] for g in study.grounding}
+
+
+def test_reader_consensus_boxes_and_labels(converted):
+    _, back, _ = converted
+    s = back[f"vindr_cxr-{V1}"][0]
+    assert (s.source, s.patient_id, s.split in ("train", "val")) == ("vindr_cxr", V1, True)
+    assert [(im.role, im.view, im.width, im.height) for im in s.images] == [("frontal", "PA", 80, 64)]
+    # three overlapping cardiomegaly boxes -> their mean; two effusion boxes (2 of 3 readers) -> their mean;
+    # the nodule drawn by one reader only is not a box
+    assert boxes(s) == {"cardiomegaly": [(20, 30, 60, 51)], "pleural effusion": [(5.5, 40.5, 20.5, 60.5)]}
+    assert {g.phrase: g.label for g in s.grounding} == {"cardiomegaly": "Cardiomegaly",
+                                                         "pleural effusion": "Pleural Effusion"}
+    assert s.labels["Cardiomegaly"] == 1 and s.labels["Pleural Effusion"] == 1
+    assert s.labels["Lung Lesion"] == -1  # one reader of three: uncertain
+    assert s.labels["No Finding"] == 0 and s.labels["Pneumothorax"] == 0
+    assert s.source_labels == {"Cardiomegaly": "3/3", "Nodule/Mass": "1/3", "Other diseases": "1/3",
+                               "Pleural effusion": "2/3"}
+    assert s.findings == "" and s.impression == ""
+
+
+def test_no_finding_and_monochrome1(converted):
+    _, back, _ = converted
+    normal, images = back[f"vindr_cxr-{V2}"]
+    img2 = images["frontal"]
+    assert normal.grounding == [] and normal.labels["No Finding"] == 1 and normal.labels["Cardiomegaly"] == 0
+    # the fixture's raw values grow to the right: MONOCHROME2 shows that, MONOCHROME1 (V1) is inverted
+    img1 = back[f"vindr_cxr-{V1}"][1]["frontal"]
+    assert img2[:, -8:].mean() > img2[:, :8].mean() + 100
+    assert img1[:, :8].mean() > img1[:, -8:].mean() + 100
+
+
+def test_test_split_boxes_clipped_or_dropped(converted):
+    _, back, report = converted
+    s = back[f"vindr_cxr-{V3}"][0]
+    assert s.split == "test"
+    assert boxes(s) == {"aortic enlargement": [(30, 10, 45, 30)], "pleural effusion": [(60, 40, 80, 64)]}
+    assert s.labels["Pneumothorax"] == 1 and s.labels["Enlarged Cardiomediastinum"] == 1
+    assert s.source_labels["Other diseases"] == "1/1"  # the test CSV's "Other disease" spelling is unified
+    assert back[f"vindr_cxr-{V6}"][0].split == "test"  # listed in train and test: kept in test
+
+
+def test_report_counts_every_problem(converted):
+    loaded, _, report = converted
+    assert len(loaded) == 4
+    assert report.counts == {"box_outside_image": 1, "box_partly_outside_clipped": 1,
+                             "box_without_reader_majority": 1, "duplicate_study_id": 1,
+                             "image_corrupt_dicom": 1, "missing_file": 1, "phrase_without_boxes": 1}
+
+
+def test_official_train_never_lands_in_test(converted):
+    _, back, _ = converted
+    assert all(s.split in ("train", "val") for s, _ in back.values() if s.study_id in (f"vindr_cxr-{V1}",
+                                                                                        f"vindr_cxr-{V2}"))
