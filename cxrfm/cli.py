@@ -6,8 +6,10 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 from cxrfm.config import ConfigError, load_config, with_overrides
+from cxrfm.data.sources import SOURCES
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -32,12 +34,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_data_build(args: argparse.Namespace) -> int:
     from cxrfm.data.build import build
 
-    cfg = load_config(args.config, args.overrides)
-    data = cfg.data.model_copy(update={"source": args.source} if args.source else {})
-    manifest = build(data, args.out or data.shards)
+    overrides = list(args.overrides)
+    overrides += [f"data.source={args.source}"] if args.source else []
+    overrides += [f"data.root={args.root}"] if args.root else []
+    overrides += [f"data.num_workers={args.workers}"] if args.workers is not None else []
+    data = load_config(args.config, overrides).data
+    out = args.out or data.shards
+    manifest = build(data, out)
     for split, info in manifest["splits"].items():
         print(f"{split:<6} {info['studies']:>6} studies {info['patients']:>6} patients  tasks {info['tasks']}")
-    print(f"{len(manifest['shards'])} shards + manifest.json + tokenizer/ in {args.out or data.shards}")
+    report = json.loads((Path(out) / "build_report.json").read_text())
+    for reason, n in report["skipped"].items():
+        print(f"skipped {n:>6} {reason}")
+    print(f"{len(manifest['shards'])} shards + manifest.json + build_report.json + tokenizer/ in {out}")
     return 0
 
 
@@ -159,7 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     data = sub.add_parser("data", help="build and verify WebDataset shards").add_subparsers(dest="data_cmd", required=True)
     p = data.add_parser("build", help="convert a source into shards + manifest + tokenizer")
     _add_config_args(p)
-    p.add_argument("--source", choices=["synthetic"], default=None)
+    p.add_argument("--source", choices=sorted(SOURCES), default=None, help="converter (default: data.source)")
+    p.add_argument("--root", default=None, help="the downloaded dataset's folder (data.root); not for synthetic")
+    p.add_argument("--workers", type=int, default=None, help="processes loading shards (data.num_workers)")
     p.add_argument("--out", default=None, help="output directory (default: data.shards)")
     p.set_defaults(func=cmd_data_build)
     p = data.add_parser("verify", help="decode every sample; report corrupt or missing ones by shard and key")

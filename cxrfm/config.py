@@ -16,6 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from cxrfm.data.schema import TASKS
+from cxrfm.data.sources import check_source_name
 
 
 class ConfigError(ValueError):
@@ -26,9 +27,26 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class SourceMix(_Section):
+    """One entry of data.sources: built shards of one source and how often training draws from them."""
+
+    name: str
+    weight: float = Field(gt=0, description="relative sampling weight; weights need not sum to 1")
+    shards: str = Field(description="shard directory built by `cxrfm data build --source NAME`")
+
+    @model_validator(mode="after")
+    def _known(self) -> "SourceMix":
+        check_source_name(self.name)
+        return self
+
+
 class DataConfig(_Section):
-    source: Literal["synthetic"] = "synthetic"
-    root: str | None = None  # raw data root for real sources
+    source: str = Field("synthetic", description="converter name, see cxrfm.data.sources.SOURCES")
+    root: str | None = None  # raw data root for real sources (needed by `cxrfm data build`, not by training)
+    num_workers: int | None = Field(None, ge=0, description="processes loading shards in `cxrfm data build`; "
+                                    "default min(4, CPUs); 0 or 1 builds in this process")
+    # A mixture of built sources for training; empty means the one directory in data.shards.
+    sources: list[SourceMix] = Field(default_factory=list)
     shards: str = "runs/tiny/shards"  # where shards are written / read
     num_studies: int = Field(600, ge=1)
     image_size: int = Field(128, ge=32, description="stored image side in pixels")
@@ -42,6 +60,10 @@ class DataConfig(_Section):
 
     @model_validator(mode="after")
     def _known_tasks(self) -> "DataConfig":
+        check_source_name(self.source)
+        names = [m.name for m in self.sources]
+        if len(set(names)) != len(names):
+            raise ValueError(f"data.sources names each source once, got {names}; merge the duplicates")
         bad = set(self.tasks) - set(TASKS)
         if bad:
             raise ValueError(f"unknown task(s) {sorted(bad)} in data.tasks; allowed: {list(TASKS)}")

@@ -1,15 +1,33 @@
-"""`cxrfm data build`: studies from a source -> shards + manifest + tokenizer trained on the train split."""
+"""`cxrfm data build`: a source -> shards + manifest + build report + tokenizer trained on the train split.
+
+    scan (metadata, main process) -> records sorted by (split, study_id) -> shards of data.shard_size per
+    split -> shards loaded and written in parallel worker processes -> manifest.json, build_report.json,
+    tokenizer/
+
+Resumable: build_state.json records a digest of the records and build settings plus every finished shard
+(with its sha256). A rerun into the same directory skips finished shards whose file still matches, so an
+interrupted build continues where it stopped; a changed source or setting starts over.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import json
+import logging
+import multiprocessing
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
-import numpy as np
-
 from cxrfm.config import DataConfig
-from cxrfm.data.schema import Study
-from cxrfm.data.shards import MANIFEST, write_shards
+from cxrfm.data.schema import SCHEMA_VERSION, Study
+from cxrfm.data.shards import MANIFEST, SPLITS, sha256_file, shard_name, write_manifest, write_shard
+from cxrfm.data.sources import get_converter
+from cxrfm.data.sources.base import BuildReport, StudyRecord, count_duplicates, records_digest, resize_study
+
+log = logging.getLogger(__name__)
+BUILD_STATE = "build_state.json"
 
 
 def study_texts(study: Study) -> list[str]:
@@ -20,33 +38,177 @@ def study_texts(study: Study) -> list[str]:
     return [t for t in texts if t]
 
 
-def _source(cfg: DataConfig) -> Iterator[tuple[Study, dict[str, np.ndarray]]]:
-    if cfg.source == "synthetic":
-        from cxrfm.data.synthetic import generate_studies
+def num_workers(cfg: DataConfig) -> int:
+    return cfg.num_workers if cfg.num_workers is not None else min(4, os.cpu_count() or 1)
 
-        return generate_studies(num_studies=cfg.num_studies, image_size=cfg.image_size, seed=cfg.seed)
-    raise ValueError(f"data.source {cfg.source!r} has no converter yet; allowed: ['synthetic']")
+
+def _check_root(cfg: DataConfig) -> Path | None:
+    if cfg.source == "synthetic":
+        return None
+    if not cfg.root:
+        raise ValueError(f"data.source {cfg.source!r} reads a downloaded dataset: set data.root (or pass --root) "
+                         "to the folder that holds it")
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"data.root {root} is not a directory; point it at the {cfg.source} download")
+    return root
+
+
+def plan_shards(records: list[StudyRecord], shard_size: int) -> list[tuple[str, list[StudyRecord]]]:
+    """Records sorted by (split, study_id), cut into shards of `shard_size` within each split."""
+    plan = []
+    for split in SPLITS:
+        recs = sorted((r for r in records if r.split == split), key=lambda r: r.study_id)
+        for start in range(0, len(recs), shard_size):
+            plan.append((shard_name(split, start // shard_size), recs[start: start + shard_size]))
+    return plan
+
+
+def _checked(converter, records: list[StudyRecord], report: BuildReport) -> Iterator[tuple[Study, dict]]:
+    """The converter's studies, checked against their records and downsized to data.image_size."""
+    split_of = {r.study_id: r.split for r in records}
+    for study, images in converter.load_batch(records, report):
+        if split_of.get(study.study_id) != study.split:
+            report.skip("converter_error", study.study_id,
+                        f"study split {study.split!r} differs from its record's {split_of.get(study.study_id)!r}")
+            continue
+        missing = [ref.role for ref in study.images if ref.role not in images]
+        bad = [r for r, im in images.items() if getattr(im, "ndim", 0) != 2 or str(im.dtype) != "uint8"]
+        if missing or bad:
+            report.skip("converter_error", study.study_id, f"images missing {missing} or not (H, W) uint8 {bad}")
+            continue
+        yield resize_study(study, images, converter.cfg.image_size)
+
+
+def build_one_shard(source: str, cfg_data: dict, records: list[StudyRecord], path: str) -> dict:
+    """Worker: load one shard's studies and write it atomically; returns its entry plus its build report."""
+    cfg = DataConfig.model_validate(cfg_data)
+    converter = get_converter(source)(cfg)
+    report = BuildReport()
+    entry = write_shard(_checked(converter, records, report), Path(path))
+    entry["split"] = entry["split"] or records[0].split
+    entry["records"] = len(records)
+    entry["report"] = report.to_json()
+    return entry
+
+
+def _load_state(out: Path, digest: str) -> dict:
+    path = out / BUILD_STATE
+    if path.is_file():
+        try:
+            state = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            state = {}
+        if state.get("digest") == digest:
+            return state
+        log.info("%s: records or settings changed since the last build; starting over", path)
+    return {"digest": digest, "shards": {}}
+
+
+def _save_state(out: Path, state: dict) -> None:
+    tmp = out / f"{BUILD_STATE}.tmp"
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, out / BUILD_STATE)
+
+
+def _finished(out: Path, entry: dict | None) -> bool:
+    if entry is None:
+        return False
+    if entry["samples"] == 0:
+        return True  # every study of the shard was skipped; nothing on disk to check
+    path = out / entry["path"]
+    return path.is_file() and sha256_file(path) == entry["sha256"]
+
+
+def _train_texts(out: Path, entries: list[dict]) -> list[str]:
+    """Texts of the training studies, read back from the train shards (json members only)."""
+    texts: list[str] = []
+    for entry in entries:
+        if entry["split"] != "train" or not entry["samples"]:
+            continue
+        with tarfile.open(out / entry["path"]) as tar:
+            for member in tar:
+                if member.isfile() and member.name.endswith(".json"):
+                    texts.extend(study_texts(Study.model_validate_json(tar.extractfile(member).read())))
+    return texts
+
+
+def build_from_source(cfg: DataConfig, out: str | Path, on_shard_done: Callable[[str], None] | None = None) -> dict:
+    """Convert cfg.source into shards under `out`; returns the manifest. `on_shard_done(name)` is called
+    after each shard is recorded as finished (progress display; tests use it to interrupt a build)."""
+    from cxrfm.text.tokenizer import train_tokenizer
+
+    out = Path(out)
+    root = _check_root(cfg)
+    converter = get_converter(cfg.source)(cfg)
+    report = BuildReport()
+    records = converter.scan(root, report)
+    for r in records:
+        if r.split not in SPLITS:
+            raise ValueError(f"{cfg.source} converter gave study {r.study_id} the split {r.split!r}; allowed: {SPLITS}")
+    records = count_duplicates(records, report)
+    report.note("studies_scanned", len(records))
+    if not records:
+        raise ValueError(f"no usable studies found for source {cfg.source!r} under {root}; "
+                         f"skipped: {report.counts} (see the examples in the build report)")
+    plan = plan_shards(records, cfg.shard_size)
+    settings = {"source": cfg.source, "shard_size": cfg.shard_size, "image_size": cfg.image_size,
+                "schema": SCHEMA_VERSION, "seed": cfg.seed, "num_studies": cfg.num_studies}
+    out.mkdir(parents=True, exist_ok=True)
+    state = _load_state(out, records_digest([r for _, recs in plan for r in recs], settings))
+    for stale in out.glob("*.tar.tmp-*"):  # a worker killed mid-write
+        stale.unlink()
+    planned = {name for name, _ in plan}
+    for old in list(state["shards"]):
+        if old not in planned:
+            state["shards"].pop(old)
+    todo = [(name, recs) for name, recs in plan if not _finished(out, state["shards"].get(name))]
+    log.info("%s: %d shards planned, %d already built", out, len(plan), len(plan) - len(todo))
+    cfg_data = cfg.model_dump()
+
+    def finish(entry: dict) -> None:
+        if entry["samples"] == 0:
+            (out / entry["path"]).unlink(missing_ok=True)
+        state["shards"][entry["path"]] = entry
+        _save_state(out, state)
+        if on_shard_done is not None:
+            on_shard_done(entry["path"])
+
+    workers = num_workers(cfg)
+    if workers <= 1 or len(todo) <= 1:
+        for name, recs in todo:
+            finish(build_one_shard(cfg.source, cfg_data, recs, str(out / name)))
+    else:
+        # spawn, not fork: the caller may already run Ray or torch threads, which do not survive a fork
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            pending = {pool.submit(build_one_shard, cfg.source, cfg_data, recs, str(out / name)) for name, recs in todo}
+            try:
+                while pending:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    for fut in done:
+                        finish(fut.result())
+            except BaseException:
+                for fut in pending:
+                    fut.cancel()
+                raise
+
+    entries = [state["shards"][name] for name, _ in plan]
+    for entry in entries:
+        report.merge(entry["report"])
+    report.note("studies_written", sum(e["samples"] for e in entries))
+    report.write(out)
+    train_texts = _train_texts(out, entries)
+    if not train_texts:
+        raise ValueError(f"no training studies with text in {out} (skipped: {report.counts}); "
+                         "raise data.num_studies or check the source's split assignment")
+    tokenizer = train_tokenizer(train_texts, vocab_size=cfg.vocab_size)
+    tokenizer.save_pretrained(str(out / "tokenizer"))
+    return write_manifest(out, [{k: v for k, v in e.items() if k not in ("report", "records")} for e in entries])
 
 
 def build(cfg: DataConfig, out: str | Path) -> dict:
     """Write shards and the tokenizer to `out`; returns the manifest."""
-    from cxrfm.text.tokenizer import train_tokenizer
-
-    out = Path(out)
-    train_texts: list[str] = []
-
-    def collect():
-        for study, images in _source(cfg):
-            if study.split == "train":
-                train_texts.extend(study_texts(study))
-            yield study, images
-
-    manifest = write_shards(collect(), out, cfg.shard_size, cfg.source)
-    if not train_texts:
-        raise ValueError(f"no training studies in {out}; raise data.num_studies")
-    tokenizer = train_tokenizer(train_texts, vocab_size=cfg.vocab_size)
-    tokenizer.save_pretrained(str(out / "tokenizer"))
-    return manifest
+    return build_from_source(cfg, out)
 
 
 def ensure_shards(cfg: DataConfig) -> Path:
@@ -55,6 +217,7 @@ def ensure_shards(cfg: DataConfig) -> Path:
     if (out / MANIFEST).is_file() and (out / "tokenizer" / "tokenizer.json").is_file():
         return out
     if cfg.source != "synthetic":
-        raise FileNotFoundError(f"no shards at {out}; build them first: cxrfm data build --source {cfg.source} --out {out}")
+        raise FileNotFoundError(f"no shards at {out}; build them first: cxrfm data build --source {cfg.source} "
+                                f"--root DATASET_DIR --out {out}")
     build(cfg, out)
     return out

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -29,6 +30,7 @@ from cxrfm.data.schema import SCHEMA_VERSION, Study
 
 MANIFEST = "manifest.json"
 SPLITS = ("train", "val", "test")
+TAR_MTIME = 946684800.0  # fixed member time (2000-01-01): the same studies give byte-identical shards
 
 
 class ShardError(RuntimeError):
@@ -60,33 +62,86 @@ def task_counts(study: Study) -> Counter:
     return c
 
 
-def write_shards(studies: Iterable[tuple[Study, dict[str, np.ndarray]]], out: Path, shard_size: int, source: str) -> dict:
-    """Write studies to per-split shards under `out`; returns the manifest (also saved)."""
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+def write_shard(studies: Iterable[tuple[Study, dict[str, np.ndarray]]], path: Path) -> dict:
+    """Write one shard atomically (a temporary name, then a rename); returns its manifest entry and stats.
+
+    Keys are written sorted. A reader never sees a half-written shard under its final name, so an
+    interrupted build leaves only whole shards behind.
+    """
+    path = Path(path)
+    items = sorted(studies, key=lambda it: it[0].study_id)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    counts: Counter = Counter()
+    sources: Counter = Counter()
+    licenses: dict[str, str] = {}
+    splits = {study.split for study, _ in items}
+    if len(splits) > 1:
+        raise ValueError(f"shard {path.name} would mix splits {sorted(splits)}; one split per shard")
+    try:
+        with wds.TarWriter(str(tmp), mtime=TAR_MTIME) as sink:
+            for study, images in items:
+                sample = {"__key__": study.study_id, "json": study.model_dump_json().encode()}
+                for ref in study.images:
+                    sample[ref.key] = encode_png(images[ref.role])
+                sink.write(sample)
+                counts.update(task_counts(study))
+                sources[study.source] += 1
+                licenses[study.source] = study.license
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return {"path": path.name, "split": next(iter(splits), None), "samples": len(items), "sha256": sha256_file(path),
+            "patients": sorted({s.patient_id for s, _ in items}), "tasks": dict(counts),
+            "sources": dict(sources), "licenses": licenses}
+
+
+def write_manifest(out: Path, shards: list[dict]) -> dict:
+    """manifest.json from the entries write_shard returned (empty shards are left out of the list)."""
+    splits, source_counts, licenses = {}, defaultdict(dict), {}
+    for split in SPLITS:
+        entries = [sh for sh in shards if sh["split"] == split and sh["samples"]]
+        tasks: Counter = Counter()
+        patients: set[str] = set()
+        for sh in entries:
+            tasks.update(sh["tasks"])
+            patients.update(sh["patients"])
+            for source, n in sh["sources"].items():
+                source_counts[source][split] = source_counts[source].get(split, 0) + n
+            licenses.update(sh["licenses"])
+        splits[split] = {"studies": sum(sh["samples"] for sh in entries), "patients": len(patients), "tasks": dict(tasks)}
+    listed = [{k: sh[k] for k in ("path", "split", "samples", "sha256")} | {"sources": sh["sources"]}
+              for sh in shards if sh["samples"]]
+    manifest = {"schema_version": SCHEMA_VERSION, "sources": sorted(source_counts), "splits": splits,
+                "source_counts": {s: dict(c) for s, c in sorted(source_counts.items())},
+                "licenses": dict(sorted(licenses.items())), "shards": listed}
+    tmp = out / f"{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+def write_shards(studies: Iterable[tuple[Study, dict[str, np.ndarray]]], out: Path, shard_size: int,
+                 source: str | None = None) -> dict:
+    """Write studies to per-split shards under `out` in one process; returns the manifest (also saved).
+
+    `cxrfm data build` goes through cxrfm.data.build.build_from_source (parallel, resumable); this is the
+    simple path for studies already in memory. `source` is kept for compatibility: the manifest counts
+    each study's own Study.source.
+    """
     out.mkdir(parents=True, exist_ok=True)
     by_split: dict[str, list[tuple[Study, dict[str, np.ndarray]]]] = defaultdict(list)
     for study, images in studies:
         by_split[study.split].append((study, images))
-
-    shards, splits = [], {}
+    shards = []
     for split in SPLITS:
         items = sorted(by_split.get(split, []), key=lambda it: it[0].study_id)
-        counts: Counter = Counter()
         for start in range(0, len(items), shard_size):
-            name = f"{split}-{start // shard_size:06d}.tar"
-            chunk = items[start : start + shard_size]
-            with wds.TarWriter(str(out / name)) as sink:
-                for study, images in chunk:
-                    sample = {"__key__": study.study_id, "json": study.model_dump_json().encode()}
-                    for ref in study.images:
-                        sample[ref.key] = encode_png(images[ref.role])
-                    sink.write(sample)
-                    counts.update(task_counts(study))
-            shards.append({"path": name, "split": split, "samples": len(chunk), "sha256": sha256_file(out / name)})
-        splits[split] = {"studies": len(items), "patients": len({s.patient_id for s, _ in items}), "tasks": dict(counts)}
-
-    manifest = {"schema_version": SCHEMA_VERSION, "sources": [source], "splits": splits, "shards": shards}
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return manifest
+            shards.append(write_shard(items[start: start + shard_size], out / shard_name(split, start // shard_size)))
+    return write_manifest(out, shards)
 
 
 def load_manifest(root: str | Path) -> dict:

@@ -180,14 +180,24 @@ def generate_phantoms(
     split_fractions=(0.8, 0.1, 0.1),
     prior_fraction: float = 0.3,
     lateral_fraction: float = 0.3,
+    only: set[int] | None = None,
 ) -> Iterator[Phantom]:
-    """Like generate_studies, but also yields each study's ground truth (and its prior's)."""
+    """Like generate_studies, but also yields each study's ground truth (and its prior's).
+
+    `only` (study indices) yields just those studies, byte for byte as in the full run: the cheap truth
+    draws still run for every earlier study (a patient's findings evolve exam by exam), but only the
+    studies asked for, and the prior frontals they show, are rendered. The shard builder uses it to
+    generate shards in parallel.
+    """
     if image_size < 32:
         raise ValueError(f"image_size must be at least 32 (nodules and lines are sub-pixel below), got {image_size}")
     plans = plan_studies(num_studies, seed, num_patients, split_fractions, prior_fraction, lateral_fraction)
     last: dict[str, tuple[Patient, PhantomTruth, StudyPlan]] = {}  # patient id -> their previous exam
     wanted_as_prior = {p.previous_index for p in plans if p.with_prior}
     kept_frontals: dict[int, np.ndarray] = {}  # frontal images a later study shows as its prior
+    if only is not None:
+        last_wanted = max(only, default=-1)
+        plans = plans[: last_wanted + 1]
     for plan in plans:
         rng = _rng(seed, plan.index, _TRUTH)
         previous = last.get(plan.patient_id)
@@ -201,11 +211,16 @@ def generate_phantoms(
         if prior is not None:
             truth = replace(truth, changes=diff_findings(prior, truth))
         last[plan.patient_id] = (patient, truth, plan)
+        if only is not None and plan.index not in only:
+            continue
 
         scene = FrontalScene(truth, image_size)
         images = {"frontal": scene.render(_rng(seed, plan.index, _FRONTAL))}
         if plan.with_lateral:
             images["lateral"] = render_lateral(truth, image_size, _rng(seed, plan.index, _LATERAL))
+        if prior is not None and only is not None and previous[2].index not in kept_frontals:
+            # the previous exam was not rendered in this subset: render its frontal the same way
+            kept_frontals[previous[2].index] = FrontalScene(prior, image_size).render(_rng(seed, previous[2].index, _FRONTAL))
         if prior is not None:  # the previous exam's frontal.png, byte for byte
             images["prior"] = kept_frontals.pop(previous[2].index)
         if plan.index in wanted_as_prior:
