@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from cxrfm.data.images import ImageDecodeError, read_image
-from cxrfm.data.schema import CHEXPERT_LABELS, Study
+from cxrfm.data.schema import CHEXPERT_LABELS, ImageRef, Study
 
 __all__ = [
     "BuildReport", "Converter", "ImageDecodeError", "StudyRecord", "link_priors", "map_to_chexpert",
@@ -130,14 +130,38 @@ class Converter:
                 yield result
 
     # -- small helpers for subclasses --
-    def read(self, path: str | Path, record: StudyRecord, report: BuildReport) -> np.ndarray | None:
-        """read_image, turning a decode failure into a counted skip ("missing_file", "corrupt_image"...)."""
+    def read(self, path: str | Path, item: str, report: BuildReport) -> np.ndarray | None:
+        """read_image, turning a failure into a counted skip: "image_missing_file", "image_corrupt_image"..."""
         try:
             return read_image(path)
         except ImageDecodeError as e:
-            reason = e.code if e.code in ("missing_file", "unreadable_file") else f"image_{e.code}"
-            report.skip(reason, record.study_id, e.message)
+            report.skip(f"image_{e.code}", item, e.message)
             return None
+
+    def assemble(self, record: StudyRecord, report: BuildReport, views: dict[str, tuple[str | Path, str]],
+                 **fields: Any) -> tuple[Study, dict[str, np.ndarray]] | None:
+        """Read the images of `views` ({role: (path, view)}) and build the Study with `fields`.
+
+        An unreadable image is counted and left out; the study is kept while a frontal or a lateral
+        remains, else it is skipped as "study_without_readable_image".
+        """
+        images, refs = {}, []
+        for role in ("frontal", "lateral", "prior"):
+            if role not in views:
+                continue
+            path, view = views[role]
+            img = self.read(path, f"{record.study_id}:{role}", report)
+            if img is None:
+                continue
+            images[role] = img
+            refs.append(ImageRef(role=role, key=f"{role}.png", view=view, width=img.shape[1], height=img.shape[0]))
+        if "frontal" not in images and "lateral" not in images:
+            report.skip("study_without_readable_image", record.study_id, f"images tried: {sorted(views)}")
+            return None
+        study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
+                      license=self.license, images=refs, study_date=(record.study_date or "")[:10] or None,
+                      prior_study_id=record.prior_study_id if "prior" in images else None, **fields)
+        return study, images
 
 
 _SAFE = re.compile(r"[^A-Za-z0-9_-]+")
@@ -161,22 +185,24 @@ def patient_split(patient_id: str, fractions=(0.8, 0.1, 0.1), seed: int = 0) -> 
     return "train" if h < cut_train else "val" if h < cut_val else "test"
 
 
-def link_priors(records: Iterable[StudyRecord], report: BuildReport | None = None) -> dict[str, StudyRecord]:
-    """Set each record's prior_study_id to the same patient's previous study (by study_date); returns by id.
+def link_priors(records: Iterable[StudyRecord], report: BuildReport | None = None,
+                key: Callable[[StudyRecord], Any] = lambda r: r.study_date) -> dict[str, StudyRecord]:
+    """Set each record's prior_study_id to the same patient's previous study; returns the records by id.
 
-    Records without a date are not linked (counted as "prior_unknown_date" when a report is given); two
-    studies of one patient with the same date are ordered by study id, which keeps the result stable.
+    Studies are ordered by `key` (default: study_date; CheXpert Plus orders by its report order column).
+    Records whose key is None are not linked (counted as "prior_unknown_date" when a report is given); two
+    studies of one patient with the same key are ordered by study id, which keeps the result stable.
     """
     by_id: dict[str, StudyRecord] = {}
     per_patient: dict[str, list[StudyRecord]] = defaultdict(list)
     for rec in records:
         by_id[rec.study_id] = rec
-        if rec.study_date:
+        if key(rec) is not None:
             per_patient[rec.patient_id].append(rec)
         elif report is not None:
             report.skip("prior_unknown_date", rec.study_id, "no study date; no prior linked")
     for recs in per_patient.values():
-        recs.sort(key=lambda r: (r.study_date, r.study_id))
+        recs.sort(key=lambda r: (key(r), r.study_id))
         for previous, current in zip(recs, recs[1:]):
             current.prior_study_id = previous.study_id
     return by_id
@@ -310,6 +336,57 @@ def records_digest(records: list[StudyRecord], extra: Any = None) -> str:
         h.update(json.dumps([r.study_id, r.patient_id, r.split, r.study_date, r.prior_study_id, r.payload],
                             sort_keys=True, default=str).encode())
     return h.hexdigest()
+
+
+_VIEWS = {
+    "PA": "PA", "POSTERO_ANTERIOR": "PA", "POSTEROANTERIOR": "PA", "POSTERIOR-ANTERIOR": "PA",
+    "AP": "AP", "ANTERO_POSTERIOR": "AP", "ANTEROPOSTERIOR": "AP", "AP AXIAL": "AP", "AP SUPINE": "AP",
+    "LATERAL": "LATERAL", "LAT": "LATERAL", "RL": "LATERAL", "RIGHT LATERAL": "LATERAL",
+    "LL": "LL", "LEFT LATERAL": "LL",
+}
+
+
+def normalize_view(value: Any) -> str | None:
+    """A corpus' view position ("PA", "POSTERO_ANTERIOR", "LL"...) as a schema ViewPosition, or None."""
+    if value is None:
+        return None
+    return _VIEWS.get(re.sub(r"\s+", " ", str(value).strip().upper()))
+
+
+def choose_views(images: Iterable[tuple[str, str | None]]) -> dict[str, tuple[str, str]]:
+    """{"frontal": (path, view), "lateral": (path, view)} from (path, normalized view) in listing order.
+
+    The frontal is the first PA, else the first AP (PA is the standard upright view, AP the bedside one);
+    the lateral is the first LATERAL, else the first LL. Images without a known view are not chosen.
+    """
+    images = list(images)
+    out: dict[str, tuple[str, str]] = {}
+    for role, preferred in (("frontal", ("PA", "AP")), ("lateral", ("LATERAL", "LL"))):
+        for view in preferred:
+            hit = next((p for p, v in images if v == view), None)
+            if hit is not None:
+                out[role] = (hit, view)
+                break
+    return out
+
+
+def read_table(path: Path) -> list[dict[str, str]]:
+    """Rows of a CSV (optionally .gz) as dicts of strings; a missing file is the caller's error to name."""
+    import csv
+    import gzip
+
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", newline="", encoding="utf-8-sig") as f:
+        return list(csv.DictReader(f))
+
+
+def find_file(root: Path, *names: str) -> Path | None:
+    """The first of `names` (relative to root, optionally also as .gz) that exists."""
+    for name in names:
+        for candidate in (root / name, root / f"{name}.gz"):
+            if candidate.is_file():
+                return candidate
+    return None
 
 
 def first_present(row: dict, names: Iterable[str], default: str = "") -> str:
