@@ -40,6 +40,7 @@ def write_vqa_rad(root: Path) -> dict:
         _rad(3, "synpic100.jpg", "CHEST", "How many ribs are fractured?", 2, "OPEN ", "COUNT"),  # int, trailing blank
         _rad(4, "synpic200.jpg", "CHEST", "Is the heart enlarged?", "no", "CLOSED", "SIZE"),
         _rad(5, "synpic200.jpg", "CHEST", "Is the heart enlarged?", "no", "CLOSED", "SIZE", "test_freeform"),
+        _rad(12, "synpic200.jpg", "CHEST", "In what plane was this image taken?", "AP", "OPEN", "PLANE"),
         _rad(6, "synpic300.jpg", "HEAD", "Is there a bleed?", "no", "CLOSED", "PRES"),  # not chest: filtered
         _rad(7, "synpic400.jpg", "CHEST", "What modality is this?", "CT", "OPEN", "MODALITY"),  # chest CT: filtered
         _rad(8, "synpic400.jpg", "CHEST", "Is there an effusion?", "yes", "CLOSED", "PRES"),
