@@ -34,6 +34,7 @@ __all__ = [
 ]
 
 BUILD_REPORT = "build_report.json"
+FLAG = "kept:"  # prefix of flagged (kept) reasons inside the counter and the examples
 
 
 class BuildReport:
@@ -52,13 +53,22 @@ class BuildReport:
         if len(self.examples[reason]) < self.MAX_EXAMPLES:
             self.examples[reason].append({"item": str(item), "detail": str(detail)})
 
+    def flag(self, reason: str, item: str, detail: str = "") -> None:
+        """Count an item that was kept but is worth knowing about (e.g. a report with only an impression)."""
+        self.skip(f"{FLAG}{reason}", item, detail)
+
     def note(self, key: str, value: Any) -> None:
         """Record a fact about the build (e.g. how many rows a CSV had); must be JSON-serialisable."""
         self.notes[key] = value
 
     @property
     def counts(self) -> dict[str, int]:
-        return dict(sorted(self._counts.items()))
+        """Skipped items per reason (flagged, kept items are in `flagged`)."""
+        return {r: n for r, n in sorted(self._counts.items()) if not r.startswith(FLAG)}
+
+    @property
+    def flagged(self) -> dict[str, int]:
+        return {r[len(FLAG):]: n for r, n in sorted(self._counts.items()) if r.startswith(FLAG)}
 
     def merge(self, other: "BuildReport | dict") -> None:
         """Add another report (a worker's, or one saved in build_state.json) to this one."""
@@ -70,7 +80,7 @@ class BuildReport:
         self.notes.update(other.notes)
 
     def to_json(self) -> dict:
-        return {"skipped": self.counts, "skipped_total": sum(self._counts.values()),
+        return {"skipped": self.counts, "skipped_total": sum(self.counts.values()), "flagged": self.flagged,
                 "examples": {r: self.examples[r] for r in sorted(self.examples) if self.examples[r]},
                 "notes": self.notes}
 
@@ -78,6 +88,7 @@ class BuildReport:
     def from_json(cls, data: dict) -> "BuildReport":
         report = cls()
         report._counts.update(data.get("skipped", {}))
+        report._counts.update({f"{FLAG}{r}": n for r, n in data.get("flagged", {}).items()})
         for reason, examples in data.get("examples", {}).items():
             report.examples[reason] = list(examples)
         report.notes.update(data.get("notes", {}))

@@ -1,0 +1,169 @@
+"""IU X-ray (Indiana University / Open-i): R2Gen's annotation.json + images/, and/or the Open-i XML reports.
+
+Layouts under data.root (either or both):
+
+    annotation.json          R2Gen: {"train": [{"id": "CXR2384_IM-0942", "report": "...",
+                             "image_path": ["CXR2384_IM-0942/0.png", "CXR2384_IM-0942/1.png"], "split": "train"}],
+                             "val": [...], "test": [...]}
+    images/CXR2384_IM-0942/0.png ...
+
+    ecgen-radiology/2384.xml Open-i: AbstractText Label=INDICATION/COMPARISON/FINDINGS/IMPRESSION, MeSH
+                             <major>/<automatic> terms, <parentImage id="CXR2384_IM-0942-1001"> per image
+    NLMCXR_png/CXR2384_IM-0942-1001.png   (the Open-i PNGs; .dcm from NLMCXR_dcm/ also work)
+
+With both, R2Gen gives the split and images and the XML gives the sections and MeSH terms (joined on the
+report number, CXR<n>_...). Without annotation.json the split is a patient hash. IU X-ray has one report
+per patient, so the report number is the patient id. Neither source states a view per image: the first
+image is taken as the frontal (PA) and the second as the lateral, which is R2Gen's and Open-i's order;
+this is recorded in source_labels["view_from"] = "listing_order".
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+
+from cxrfm.data.schema import Study
+from cxrfm.data.sources.base import (BuildReport, StudyRecord, map_to_chexpert, parse_report_sections,
+                                     patient_split, safe_key)
+from cxrfm.data.sources.base import Converter as BaseConverter
+
+SPLITS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
+_REPORT_NO = re.compile(r"CXR(\d+)_")
+# MeSH major heading (the part before the first "/") -> CheXpert label, where the meaning is clear.
+MESH_TO_CHEXPERT = {
+    "normal": "No Finding",
+    "Cardiomegaly": "Cardiomegaly",
+    "Pulmonary Atelectasis": "Atelectasis", "Atelectasis": "Atelectasis",
+    "Opacity": "Lung Opacity", "Infiltrate": "Lung Opacity", "Airspace Disease": "Lung Opacity",
+    "Nodule": "Lung Lesion", "Mass": "Lung Lesion", "Lung Neoplasms": "Lung Lesion",
+    "Pulmonary Edema": "Edema", "Edema": "Edema",
+    "Consolidation": "Consolidation",
+    "Pneumonia": "Pneumonia",
+    "Pneumothorax": "Pneumothorax",
+    "Pleural Effusion": "Pleural Effusion",
+    "Pleural Thickening": "Pleural Other",
+    "Fractures, Bone": "Fracture",
+    "Catheters, Indwelling": "Support Devices", "Medical Device": "Support Devices",
+    "Implanted Medical Device": "Support Devices", "Tube, Inserted": "Support Devices",
+    "Pacemaker, Artificial": "Support Devices", "Surgical Instruments": "Support Devices",
+}
+
+
+def mesh_labels(terms: list[str]) -> dict[str, int]:
+    """CheXpert labels from MeSH major terms (present = positive); "No Finding" only when "normal" is alone."""
+    heads = {t.split("/")[0].strip() for t in terms if t.strip()}
+    labels = map_to_chexpert({h: 1 for h in heads}, MESH_TO_CHEXPERT)
+    if "No Finding" in labels and len(heads) > 1:
+        labels.pop("No Finding")
+    return labels
+
+
+def parse_openi_xml(path: Path) -> dict:
+    """One ecgen-radiology XML -> {"number", "sections", "mesh_major", "mesh_automatic", "images"}."""
+    tree = ET.parse(path)
+    sections = {"indication": "", "comparison": "", "findings": "", "impression": ""}
+    for node in tree.iter("AbstractText"):
+        label = (node.get("Label") or "").strip().lower()
+        if label in sections:
+            sections[label] = " ".join((node.text or "").split())
+    number = tree.find(".//IUXRId")
+    return {
+        "number": number.get("id") if number is not None else path.stem,
+        "sections": sections,
+        "mesh_major": [(n.text or "").strip() for n in tree.iter("major") if (n.text or "").strip()],
+        "mesh_automatic": [(n.text or "").strip() for n in tree.iter("automatic") if (n.text or "").strip()],
+        "images": [n.get("id") for n in tree.iter("parentImage") if n.get("id")],
+    }
+
+
+class Converter(BaseConverter):
+    name = "iu_xray"
+    license = "CC BY-NC-ND 4.0 (Open-i, Indiana University)"
+
+    def _xml_reports(self, root: Path, report: BuildReport) -> dict[str, dict]:
+        folder = root / "ecgen-radiology"
+        out: dict[str, dict] = {}
+        for path in sorted(folder.glob("*.xml")) if folder.is_dir() else []:
+            try:
+                parsed = parse_openi_xml(path)
+            except ET.ParseError as e:
+                report.skip("report_xml_unreadable", path.name, str(e))
+                continue
+            out[parsed["number"]] = parsed
+        report.note("openi_xml_reports", len(out))
+        return out
+
+    def _openi_image(self, root: Path, image_id: str) -> Path:
+        for p in (root / "NLMCXR_png" / f"{image_id}.png", root / "NLMCXR_dcm" / f"{image_id}.dcm"):
+            if p.is_file():
+                return p
+        return root / "NLMCXR_png" / f"{image_id}.png"
+
+    def scan(self, root: Path, report: BuildReport) -> list[StudyRecord]:
+        xml = self._xml_reports(root, report)
+        annotation = root / "annotation.json"
+        entries: list[dict] = []
+        if annotation.is_file():
+            data = json.loads(annotation.read_text())
+            for split_name, items in data.items():
+                for item in items:
+                    entries.append({"id": item["id"], "split": SPLITS.get(str(item.get("split", split_name)).lower()),
+                                     "report": item.get("report", ""),
+                                     "images": [root / "images" / p for p in item.get("image_path", [])]})
+            report.note("r2gen_entries", len(entries))
+        elif xml:
+            for number, x in sorted(xml.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else kv[0]):
+                entries.append({"id": f"CXR{number}", "split": None, "report": "",
+                                "images": [self._openi_image(root, i) for i in sorted(x["images"])]})
+        else:
+            raise FileNotFoundError(f"{root}: neither annotation.json (R2Gen) nor ecgen-radiology/*.xml (Open-i) "
+                                    "found; data.root must be the IU X-ray folder")
+        records, seen = [], set()
+        for e in entries:
+            m = _REPORT_NO.match(e["id"] + "_")
+            number = m.group(1) if m else e["id"]
+            sid = safe_key("iu", e["id"])
+            if sid in seen:
+                report.skip("duplicate_study_id", sid, "listed twice; the first is kept")
+                continue
+            seen.add(sid)
+            x = xml.get(number)
+            sections = dict(x["sections"]) if x else parse_report_sections(e["report"])
+            if not (sections["findings"] or sections["impression"]):
+                report.skip("report_without_findings_or_impression", sid, "empty FINDINGS and IMPRESSION")
+                continue
+            if not sections["findings"]:
+                report.flag("report_impression_only", sid, "kept; the target is the impression alone")
+            present = []
+            for path in e["images"]:
+                if path.is_file():
+                    present.append(str(path))
+                else:
+                    report.skip("image_missing_file", f"{sid}:{path.name}", str(path.relative_to(root)))
+            if not present:
+                report.skip("study_without_usable_image", sid, f"{len(e['images'])} images listed, none on disk")
+                continue
+            if len(present) > 2:
+                report.flag("extra_images_not_used", sid, f"{len(present) - 2} more images")
+            views = {"frontal": [present[0], "PA"]} | ({"lateral": [present[1], "LATERAL"]} if len(present) > 1 else {})
+            split = e["split"] or patient_split(f"iu-{number}")
+            source_labels = {"view_from": "listing_order"}
+            labels = {}
+            if x:
+                labels = mesh_labels(x["mesh_major"])
+                source_labels |= {k: "; ".join(x[k]) for k in ("mesh_major", "mesh_automatic") if x[k]}
+            elif xml:
+                report.flag("no_openi_xml_for_study", sid, "sections from annotation.json; no MeSH labels")
+            records.append(StudyRecord(sid, f"iu-{number}", split, payload={
+                "views": views, "sections": sections, "labels": labels, "source_labels": source_labels}))
+        return records
+
+    def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
+        p = record.payload
+        return self.assemble(record, report, {role: tuple(pv) for role, pv in p["views"].items()},
+                             labels=p["labels"], source_labels=p["source_labels"], **p["sections"])
