@@ -102,6 +102,9 @@ def _load_state(out: Path, digest: str) -> dict:
         if state.get("digest") == digest:
             return state
         log.info("%s: records or settings changed since the last build; starting over", path)
+        for old in state.get("shards", {}):  # the old build's shards must not linger next to the new ones
+            (out / old).unlink(missing_ok=True)
+        (out / MANIFEST).unlink(missing_ok=True)
     return {"digest": digest, "shards": {}}
 
 

@@ -1,0 +1,98 @@
+"""`cxrfm data build`: interrupted builds resume without rewriting finished shards; workers change nothing."""
+
+import json
+import os
+
+import pytest
+
+from cxrfm.cli import main
+from cxrfm.config import DataConfig
+from cxrfm.data.build import BUILD_STATE, build_from_source
+from cxrfm.data.shards import MANIFEST, load_manifest, sha256_file, verify_shards
+
+from .sources.fixtures_reports import write_iu_xray
+
+
+class Stop(Exception):
+    pass
+
+
+def _cfg(**kw) -> DataConfig:
+    return DataConfig(**({"num_studies": 60, "shard_size": 10, "vocab_size": 300, "num_workers": 1} | kw))
+
+
+def _stamp(path):
+    st = path.stat()
+    return st.st_ino, st.st_mtime_ns, sha256_file(path)
+
+
+def test_interrupted_build_resumes_without_rewriting_finished_shards(tmp_path):
+    out = tmp_path / "shards"
+    done = []
+
+    def stop_after_two(name):
+        done.append(name)
+        if len(done) == 2:
+            raise Stop(name)
+
+    with pytest.raises(Stop):
+        build_from_source(_cfg(), out, on_shard_done=stop_after_two)
+    assert not (out / MANIFEST).exists()  # no manifest until every shard is there
+    state = json.loads((out / BUILD_STATE).read_text())
+    assert sorted(state["shards"]) == sorted(done)
+    before = {name: _stamp(out / name) for name in done}
+    # a worker killed mid-write leaves a temporary file; a shard damaged after it was recorded is redone
+    (out / "val-000000.tar.tmp-12345").write_bytes(b"partial")
+
+    resumed = []
+    manifest = build_from_source(_cfg(), out, on_shard_done=resumed.append)
+    assert not set(resumed) & set(done)  # finished shards were not built again...
+    assert {name: _stamp(out / name) for name in done} == before  # ...nor rewritten (same inode, mtime, bytes)
+    assert not list(out.glob("*.tmp-*"))
+    assert len(manifest["shards"]) == len(done) + len(resumed) and verify_shards(out).ok
+
+    clean = build_from_source(_cfg(), tmp_path / "clean")  # same bytes as one uninterrupted build
+    assert [(s["path"], s["sha256"]) for s in clean["shards"]] == [(s["path"], s["sha256"]) for s in manifest["shards"]]
+
+    rerun = []
+    build_from_source(_cfg(), out, on_shard_done=rerun.append)  # a finished build has nothing left to do
+    assert rerun == []
+
+
+def test_damaged_shard_is_rebuilt_and_changed_settings_start_over(tmp_path):
+    out = tmp_path / "shards"
+    first = build_from_source(_cfg(), out)
+    victim = out / first["shards"][0]["path"]
+    victim.write_bytes(victim.read_bytes()[:100])
+    redone = []
+    build_from_source(_cfg(), out, on_shard_done=redone.append)
+    assert redone == [victim.name] and verify_shards(out).ok
+
+    second = build_from_source(_cfg(shard_size=30), out)  # new plan: the old 10-study shards are gone
+    assert sorted(p.name for p in out.glob("*.tar")) == sorted(s["path"] for s in second["shards"])
+    assert sum(s["samples"] for s in second["shards"]) == 60
+
+
+def test_parallel_workers_write_the_same_bytes(tmp_path):
+    one = build_from_source(_cfg(num_studies=40), tmp_path / "one")
+    two = build_from_source(_cfg(num_studies=40, num_workers=2), tmp_path / "two")
+    assert one["shards"] == two["shards"] and one["splits"] == two["splits"]
+    assert one["source_counts"] == {"synthetic": {k: v["studies"] for k, v in one["splits"].items() if v["studies"]}}
+    assert (tmp_path / "one" / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (tmp_path / "two" / "tokenizer" / "tokenizer.json").read_bytes()
+
+
+def test_cli_builds_a_real_source_and_names_a_missing_root(tmp_path, capsys):
+    root = tmp_path / "iu"
+    write_iu_xray(root)
+    out = tmp_path / "out"
+    rc = main(["data", "build", "--source", "iu_xray", "--root", str(root), "--out", str(out), "--workers", "1",
+               "--set", "data.vocab_size=300"])
+    printed = capsys.readouterr().out
+    assert rc == 0 and "skipped      1 duplicate_study_id" in printed and "build_report.json" in printed
+    assert load_manifest(out)["sources"] == ["iu_xray"]
+    with pytest.raises(ValueError, match="set data.root"):
+        build_from_source(DataConfig(source="mimic_cxr"), tmp_path / "x")
+    with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-metadata.csv"):
+        build_from_source(DataConfig(source="mimic_cxr", root=str(root)), tmp_path / "x")
+    assert os.path.isdir(out / "tokenizer")
