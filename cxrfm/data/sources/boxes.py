@@ -2,7 +2,7 @@
 
 Rules (the same for every corpus, so counts in build_report.json mean the same thing):
 - a box wholly outside the image is dropped and counted as "box_outside_image";
-- a box partly outside is clipped to the image and counted as "box_partly_outside_clipped" (kept);
+- a box partly outside is clipped to the image, kept, and flagged as "box_partly_outside_clipped";
 - a box with no area (x2 <= x1 or y2 <= y1, before or after clipping) is dropped as "box_degenerate".
 Boxes are (x1, y1, x2, y2) in pixels of the stored image, x to the right and y down.
 """
@@ -28,7 +28,7 @@ def fit_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int,
         return None
     cx1, cy1, cx2, cy2 = max(x1, 0.0), max(y1, 0.0), min(x2, float(width)), min(y2, float(height))
     if (cx1, cy1, cx2, cy2) != (x1, y1, x2, y2):
-        report.skip("box_partly_outside_clipped", item,
+        report.flag("box_partly_outside_clipped", item,
                     f"box ({x1}, {y1}, {x2}, {y2}) clipped to the {width}x{height} image (kept)")
     return Box(x1=float(cx1), y1=float(cy1), x2=float(cx2), y2=float(cy2))
 
@@ -91,7 +91,7 @@ def keep_patients_in_one_split(records: list[StudyRecord], report: BuildReport) 
     for r in records:
         target = worst[r.patient_id]
         if r.split != target:
-            report.skip("patient_in_several_splits_moved", r.study_id,
+            report.flag("patient_in_several_splits_moved", r.study_id,
                         f"patient {r.patient_id} also has studies in {target!r}; moved from {r.split!r} (kept)")
             r.split = target
     return records

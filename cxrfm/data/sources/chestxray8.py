@@ -104,12 +104,13 @@ class Converter(base.Converter):
                 report.skip("not_in_official_split", image, "in neither train_val_list.txt nor test_list.txt")
                 continue
             if image not in pngs:
-                report.skip("missing_file", image, f"{image} not found under {root}")
+                report.skip("image_missing_file", image, f"{image} not found under {root}")
                 continue
             findings = [x.strip() for x in str(row.get("Finding Labels", "")).split("|") if x.strip()]
             unknown = [x for x in findings if x not in CHEXPERT_MAP]
             if unknown:
-                report.skip("unknown_label", image, f"labels {unknown} are not ChestX-ray14 labels; kept as source labels")
+                report.skip("unknown_label", image,
+                            f"labels {unknown} are not ChestX-ray14 labels; kept as source labels")
             records.append(base.StudyRecord(
                 study_id=base.safe_key(self.name, Path(image).stem), patient_id=patient, split=split,
                 payload={"path": str(pngs[image]), "findings": findings,
@@ -120,7 +121,7 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(p["path"], record, report)
+        img = self.read(p["path"], record.study_id, report)
         if img is None:
             return None
         height, width = img.shape

@@ -4,7 +4,8 @@ how it differs from an earlier study of the same patient.
 Expected under --root:
     mimic_pair_questions.csv   (index), study_id, subject_id, ref_id, question_type (abnormality / location / type /
                                level / view / presence / difference), question, answer, split (train/val/test)
-    mimic_all.csv              subject_id, study_id, the 14 CheXpert labels, dicom_id, view, split, study_date, study_order
+    mimic_all.csv              subject_id, study_id, the 14 CheXpert labels, dicom_id, view, split, study_date,
+                               study_order
     files/p1X/p<subject>/s<study>/<dicom_id>.jpg   MIMIC-CXR-JPG images (a symlink to MIMIC-CXR-JPG's files/ works)
 
 One Study per main study: its image (the dicom_id mimic_all.csv chose, frontal where one exists) is the
@@ -18,7 +19,6 @@ stay. Labels: mimic_all.csv's CheXpert columns (1/0/-1, blank = not mentioned). 
 from __future__ import annotations
 
 import csv
-from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
@@ -91,7 +91,8 @@ class Converter(base.Converter):
         studies = self._studies(root, report)
         qpath = root / "mimic_pair_questions.csv"
         if not qpath.is_file():
-            raise FileNotFoundError(f"{root}: no mimic_pair_questions.csv; point --root at the Medical-Diff-VQA download")
+            raise FileNotFoundError(f"{root}: no mimic_pair_questions.csv; point --root at the Medical-Diff-VQA "
+                                    "download")
         rows = _read(qpath)
         report.note("medical_diff_vqa_questions", len(rows))
         per_study: dict[str, dict] = {}
@@ -127,16 +128,19 @@ class Converter(base.Converter):
         for study, entry in per_study.items():
             s = studies[study]
             if not (root / s["path"]).is_file():
-                report.skip("missing_file", study, f"{root / s['path']} not found (is MIMIC-CXR-JPG's files/ under root?)")
+                report.skip("image_missing_file", study,
+                            f"{root / s['path']} not found (is MIMIC-CXR-JPG's files/ under root?)")
                 continue
             role_view = VIEWS.get(s["view"])
             if role_view is None:
-                report.skip("view_unknown_assumed_frontal", study, f"mimic_all.csv view {s['view']!r} (kept as PA frontal)")
+                report.flag("view_unknown_assumed_frontal", study,
+                            f"mimic_all.csv view {s['view']!r} (kept as PA frontal)")
                 role_view = ("frontal", "PA")
             prior = None
             if entry["ref"]:
                 r = studies[entry["ref"]]
-                prior = {"study": entry["ref"], "path": str(root / r["path"]), "view": VIEWS.get(r["view"], ("", "PA"))[1]}
+                prior = {"study": entry["ref"], "path": str(root / r["path"]),
+                         "view": VIEWS.get(r["view"], ("", "PA"))[1]}
             records.append(base.StudyRecord(
                 study_id=base.safe_key(self.name, study), patient_id=s["subject"],
                 split=max(entry["splits"], key=SPLIT_ORDER.__getitem__), study_date=s["date"],
@@ -152,7 +156,8 @@ class Converter(base.Converter):
             return "reference_not_in_mimic_all", f"reference study {ref!r} has no row in mimic_all.csv"
         main, r = studies[study], studies[ref]
         if r["subject"] != main["subject"]:
-            return "reference_other_patient", f"reference {ref} belongs to subject {r['subject']}, not {main['subject']}"
+            return "reference_other_patient", (f"reference {ref} belongs to subject {r['subject']}, "
+                                               f"not {main['subject']}")
         if not _order(r) < _order(main):
             return "reference_not_earlier", f"reference {ref} is not an earlier study than {study}"
         if kept_ref is not None and ref != kept_ref:
@@ -163,10 +168,11 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(p["path"], record, report)
+        img = self.read(p["path"], record.study_id, report)
         if img is None:
             return None
-        refs = [ImageRef(role=p["role"], key=f"{p['role']}.png", view=p["view"], width=img.shape[1], height=img.shape[0])]
+        refs = [ImageRef(role=p["role"], key=f"{p['role']}.png", view=p["view"], width=img.shape[1],
+                         height=img.shape[0])]
         images, qas, prior_id = {p["role"]: img}, p["qas"], record.prior_study_id
         if p["prior"]:
             try:

@@ -54,7 +54,8 @@ def read_rows(path: Path) -> list[dict]:
         im = images.get(ann.get("image_id"), {})
         x, y, w, h = (ann.get("bbox") or [None] * 4)[:4]
         rows.append({"dicom_id": Path(str(im.get("file_name", ""))).stem, "path": im.get("path", ""),
-                     "category_name": categories.get(ann.get("category_id"), ""), "label_text": ann.get("label_text", ""),
+                     "category_name": categories.get(ann.get("category_id"), ""),
+                     "label_text": ann.get("label_text", ""),
                      "x": x, "y": y, "w": w, "h": h, "image_width": im.get("width"), "image_height": im.get("height"),
                      "split": ann.get("split", "")})
     return rows
@@ -70,9 +71,9 @@ def read_mimic_metadata(root: Path, dicom_ids: set[str]) -> dict[str, dict]:
             with opener(path, "rt", newline="") as f:
                 for row in csv.DictReader(f):
                     if row.get("dicom_id") in dicom_ids:
-                        date = str(row.get("StudyDate", "")).split(".")[0]
+                        d = str(row.get("StudyDate", "")).split(".")[0]
                         out[row["dicom_id"]] = {"view": VIEWS.get(str(row.get("ViewPosition", "")).upper()),
-                                                "date": f"{date[:4]}-{date[4:6]}-{date[6:8]}" if len(date) == 8 else None}
+                                                "date": f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 else None}
             return out
     return {}
 
@@ -123,7 +124,8 @@ class Converter(base.Converter):
         records = []
         for dicom, im in images.items():
             if not (root / im["path"]).is_file():
-                report.skip("missing_file", dicom, f"{root / im['path']} not found (is MIMIC-CXR-JPG's files/ under root?)")
+                report.skip("image_missing_file", dicom,
+                            f"{root / im['path']} not found (is MIMIC-CXR-JPG's files/ under root?)")
                 continue
             meta = metadata.get(dicom, {})
             phrases = [{"category": c, "phrase": t, "boxes": b} for (c, t), b in im["phrases"].items()]
@@ -136,7 +138,7 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(Path(p["root"]) / p["path"], record, report)
+        img = self.read(Path(p["root"]) / p["path"], record.study_id, report)
         if img is None:
             return None
         height, width = img.shape
@@ -149,7 +151,8 @@ class Converter(base.Converter):
             if ph["category"] in CHEXPERT_LABELS:
                 labels[ph["category"]] = 1
             if not boxes:
-                report.skip("phrase_without_boxes", record.study_id, f"{ph['phrase']!r}: every box was outside the image")
+                report.skip("phrase_without_boxes", record.study_id,
+                            f"{ph['phrase']!r}: every box was outside the image")
                 continue
             grounding.append(GroundedPhrase(phrase=ph["phrase"], label=ph["category"], boxes=boxes))
         study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,

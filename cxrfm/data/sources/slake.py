@@ -72,7 +72,8 @@ class Converter(base.Converter):
                     report.skip("not_english", qid, f"q_lang {item.get('q_lang')!r}")
                     continue
                 if not (is_xray(item.get("modality", "")) and CHEST.search(str(item.get("location", "")))):
-                    report.skip("not_chest_xray", qid, f"modality {item.get('modality')!r}, location {item.get('location')!r}")
+                    report.skip("not_chest_xray", qid,
+                                f"modality {item.get('modality')!r}, location {item.get('location')!r}")
                     continue
                 question, answer = str(item.get("question", "")).strip(), str(item.get("answer", "")).strip()
                 image = str(item.get("img_name", "")).strip()
@@ -86,12 +87,13 @@ class Converter(base.Converter):
         for image, qas in sorted(per_image.items()):
             path = data / "imgs" / image
             if not path.is_file():
-                report.skip("missing_file", image, f"{path} not found (is imgs.zip extracted into Slake1.0/imgs/?)")
+                report.skip("image_missing_file", image,
+                            f"{path} not found (is imgs.zip extracted into Slake1.0/imgs/?)")
                 continue
             split = max((q["split"] for q in qas), key=SPLIT_ORDER.__getitem__)
             for q in qas:
                 if q["split"] != split:
-                    report.skip("question_moved_to_held_out_split", q["qid"],
+                    report.flag("question_moved_to_held_out_split", q["qid"],
                                 f"{image} also has {split} questions; this {q['split']} question goes with it (kept)")
             key = Path(image).parent.name or Path(image).stem  # "xmlab102/source.jpg" -> "xmlab102"
             records.append(base.StudyRecord(
@@ -104,12 +106,12 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(p["path"], record, report)
+        img = self.read(p["path"], record.study_id, report)
         if img is None:
             return None
+        ref = ImageRef(role="frontal", key="frontal.png", view="PA", width=img.shape[1], height=img.shape[0])
         study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
-                      license=self.license,
-                      images=[ImageRef(role="frontal", key="frontal.png", view="PA", width=img.shape[1], height=img.shape[0])],
+                      license=self.license, images=[ref],
                       vqa=[VQAPair(question=q["question"], answer=q["answer"], qtype=QTYPES.get(q["content"], "other"),
                                    closed=q["closed"]) for q in p["qas"]])
         return study, {"frontal": img}

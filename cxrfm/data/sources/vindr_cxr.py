@@ -116,7 +116,7 @@ class Converter(base.Converter):
                 path = next((p for p in (root / official / f"{image}.dicom", root / official / f"{image}.dcm")
                              if p.is_file()), None)
                 if path is None:
-                    report.skip("missing_file", image, f"{root / official / image}.dicom not found")
+                    report.skip("image_missing_file", image, f"{root / official / image}.dicom not found")
                     continue
                 n = max(len(vote["readers"]), 1)
                 majority = n // 2 + 1
@@ -138,7 +138,7 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(p["path"], record, report)
+        img = self.read(p["path"], record.study_id, report)
         if img is None:
             return None
         height, width = img.shape

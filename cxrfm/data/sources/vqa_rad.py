@@ -110,13 +110,13 @@ class Converter(base.Converter):
                     report.skip("not_xray", q["qid"], f"{image}: a MODALITY answer says it is not a radiograph")
                 continue
             if image not in files:
-                report.skip("missing_file", image, f"{image} not found under {root}")
+                report.skip("image_missing_file", image, f"{image} not found under {root}")
                 continue
             test = any(q["test"] for q in qas)
             if test:
                 for q in qas:
                     if not q["test"]:
-                        report.skip("train_question_moved_to_test", q["qid"],
+                        report.flag("train_question_moved_to_test", q["qid"],
                                     f"{image} has official test questions; its training questions go to test (kept)")
             views = [v for q in qas if q["qtype"].startswith("PLANE") for v in [view_from_plane(q["answer"])] if v]
             stem = Path(image).stem
@@ -131,14 +131,14 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(p["path"], record, report)
+        img = self.read(p["path"], record.study_id, report)
         if img is None:
             return None
         view = p["view"] or "PA"
         role = "lateral" if view in ("LATERAL", "LL") else "frontal"
+        ref = ImageRef(role=role, key=f"{role}.png", view=view, width=img.shape[1], height=img.shape[0])
         study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
-                      license=self.license,
-                      images=[ImageRef(role=role, key=f"{role}.png", view=view, width=img.shape[1], height=img.shape[0])],
+                      license=self.license, images=[ref],
                       vqa=[VQAPair(question=q["question"], answer=q["answer"], qtype=qtype_of(q["qtype"]),
                                    closed=q["closed"]) for q in p["qas"]])
         return study, {role: img}

@@ -236,6 +236,7 @@ def write_chestxray8(root: Path) -> dict:
         ["00000003_000.png", "Hernia", 0, 3, 74, "F", "PA", 2500, 2048, 0.168, 0.168],  # image missing
         ["00000004_000.png", "Mass|Nodule", 0, 4, 82, "M", "AP", 2500, 2048, 0.168, 0.168],  # unreadable
         ["00000005_000.png", "Emphysema", 0, 5, 70, "F", "PA", 2992, 2991, 0.143, 0.143],  # in neither list
+        ["00000006_000.png", "Nodule", 0, 6, 66, "F", "PA", 2992, 2991, 0.143, 0.143],
     ]
     entries.append(list(entries[1]))  # the same Image Index twice: a duplicate id, kept once
     write_csv(root / "Data_Entry_2017_v2020.csv", NIH_ENTRY_HEADER, entries)
@@ -243,14 +244,16 @@ def write_chestxray8(root: Path) -> dict:
         ["00000001_000.png", "Cardiomegaly", 320.0, 400.5, 384.0, 256.0, "", "", ""],
         ["00000002_000.png", "Infiltrate", 800.0, 512.0, 400.0, 300.0, "", "", ""],  # partly outside: clipped
         ["00000002_000.png", "Pneumonia", 1040.0, 100.0, 50.0, 50.0, "", "", ""],  # wholly outside: dropped
+        ["00000006_000.png", "Nodule", 512.0, 256.0, 64.0, 64.0, "", "", ""],
     ])
-    (root / "train_val_list.txt").write_text("00000001_000.png\n00000001_001.png\n00000004_000.png\n")
+    (root / "train_val_list.txt").write_text("00000001_000.png\n00000001_001.png\n00000004_000.png\n00000006_000.png\n")
     (root / "test_list.txt").write_text("00000002_000.png\n00000003_000.png\n")
     pixels = {
         "00000001_000.png": write_png16(root / "images" / "00000001_000.png", 64, 64, seed=21),
         "00000001_001.png": write_png8(root / "images" / "00000001_001.png", 64, 64, seed=22),
         "00000002_000.png": write_png8(root / "images" / "00000002_000.png", 64, 64, seed=23),
         "00000005_000.png": write_png8(root / "images" / "00000005_000.png", 64, 64, seed=25),
+        "00000006_000.png": write_png8(root / "images_002" / "images" / "00000006_000.png", 64, 64, seed=26),
     }
     write_garbage(root / "images" / "00000004_000.png", signature=b"\x89PNG\r\n\x1a\n")
     return {"pixels": pixels}

@@ -26,7 +26,7 @@ VQA_RAD_IMAGES = "VQA_RAD Image Folder"
 
 
 def _rad(qid, image, organ, question, answer, answer_type, qtype, phrase="freeform"):
-    return {"qid": qid, "phrase_type": phrase, "qid_linked_id": f"{qid:05d}", "image_case_url": "https://example.invalid",
+    return {"qid": qid, "phrase_type": phrase, "qid_linked_id": f"{qid:05d}", "image_case_url": "",
             "image_name": image, "image_organ": organ, "evaluation": "given", "question": question,
             "question_rephrase": "NULL", "question_relation": "NULL", "question_frame": "NULL",
             "question_type": qtype, "answer": answer, "answer_type": answer_type}

@@ -3,14 +3,15 @@ import pytest
 
 from cxrfm.data.sources import get_converter
 from cxrfm.data.sources.base import BuildReport
+from tests.data.sources.built import build
 from tests.data.sources.fixtures_grounding import write_chestxray8
-from tests.data.sources.roundtrip import roundtrip
 
 
 @pytest.fixture
 def converted(tmp_path):
+    """(manifest, studies read back by id, build_report.json, the fixture's raw pixels)."""
     pixels = write_chestxray8(tmp_path / "raw")["pixels"]
-    return (*roundtrip(get_converter("chestxray8")(), tmp_path / "raw", tmp_path / "shards"), pixels)
+    return (*build("chestxray8", tmp_path / "raw", tmp_path / "shards"), pixels)
 
 
 def test_labels_boxes_and_16bit_png(converted):
@@ -45,12 +46,21 @@ def test_test_list_and_boxes_outside(converted):
 
 
 def test_report_counts_every_problem(converted):
-    loaded, _, report, _ = converted
-    assert sorted(loaded) == ["chestxray8-00000001_000", "chestxray8-00000001_001", "chestxray8-00000002_000"]
-    assert report.counts == {"box_outside_image": 1, "box_partly_outside_clipped": 1, "duplicate_study_id": 1,
-                             "image_corrupt_image": 1, "missing_file": 1, "not_in_official_split": 1,
-                             "phrase_without_boxes": 1}
-    assert report.notes["chestxray8_entries"] == 7
+    _, back, report, _ = converted
+    assert sorted(back) == ["chestxray8-00000001_000", "chestxray8-00000001_001", "chestxray8-00000002_000",
+                            "chestxray8-00000006_000"]
+    assert report["skipped"] == {"box_outside_image": 1, "duplicate_study_id": 1, "image_corrupt_image": 1,
+                                 "image_missing_file": 1, "not_in_official_split": 1, "phrase_without_boxes": 1}
+    assert report["flagged"] == {"box_partly_outside_clipped": 1}
+    assert report["notes"]["chestxray8_entries"] == 8
+
+
+def test_images_are_found_in_any_folder_below_root(converted):
+    _, back, _, _ = converted
+    s = back["chestxray8-00000006_000"][0]  # stored under images_002/images/, as Kaggle copies are
+    assert s.split == "train" and s.labels["Lung Lesion"] == 1
+    assert [(g.phrase, g.label, [(b.x1, b.y1, b.x2, b.y2) for b in g.boxes]) for g in s.grounding] == [
+        ("nodule", "Lung Lesion", [(32, 16, 36, 20)])]
 
 
 def test_missing_split_lists_name_what_to_do(tmp_path):

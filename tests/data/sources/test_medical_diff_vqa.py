@@ -4,15 +4,15 @@ import pytest
 from cxrfm.data.images import read_image
 from cxrfm.data.sources import get_converter
 from cxrfm.data.sources.base import BuildReport
+from tests.data.sources.built import build
 from tests.data.sources.fixtures_vqa import DIFF_DIFFERENCE_Q, write_medical_diff_vqa
-from tests.data.sources.roundtrip import roundtrip
 
 
 @pytest.fixture
 def converted(tmp_path):
+    """(manifest, studies read back by id, build_report.json, image paths by study, the raw root)."""
     paths = write_medical_diff_vqa(tmp_path / "raw")["paths"]
-    return (*roundtrip(get_converter("medical_diff_vqa")(), tmp_path / "raw", tmp_path / "shards"), paths,
-            tmp_path / "raw")
+    return (*build("medical_diff_vqa", tmp_path / "raw", tmp_path / "shards"), paths, tmp_path / "raw")
 
 
 def test_difference_question_brings_the_prior_image(converted):
@@ -46,19 +46,21 @@ def test_questions_without_a_usable_reference_go_and_the_rest_stay(converted):
 
 
 def test_report_counts_every_problem(converted):
-    loaded, _, report, _, _ = converted
-    assert len(loaded) == 5
-    assert report.counts == {"duplicate_question": 1, "missing_file": 1, "missing_prior_image": 1,
-                             "prior_image_unreadable": 1, "reference_not_earlier": 1, "study_not_in_mimic_all": 1}
-    assert report.notes["medical_diff_vqa_questions"] == 13
+    _, back, report, _, _ = converted
+    assert len(back) == 5
+    assert report["skipped"] == {"duplicate_question": 1, "image_missing_file": 1, "missing_prior_image": 1,
+                                 "prior_image_unreadable": 1, "reference_not_earlier": 1, "study_not_in_mimic_all": 1}
+    assert report["flagged"] == {}
+    assert report["notes"]["medical_diff_vqa_questions"] == 13
 
 
 def test_no_patient_in_two_splits(tmp_path):
     write_medical_diff_vqa(tmp_path)
     qpath = tmp_path / "mimic_pair_questions.csv"
     # put one of patient 10000032's studies in test: both of the patient's studies must end in test
-    qpath.write_text(qpath.read_text().replace("is there pleural effusion?,no,train", "is there pleural effusion?,no,test"))
+    text = qpath.read_text()
+    qpath.write_text(text.replace("is there pleural effusion?,no,train", "is there pleural effusion?,no,test"))
     report = BuildReport()
     records = {r.study_id: r for r in get_converter("medical_diff_vqa")().scan(tmp_path, report)}
     assert records["medical_diff_vqa-50414267"].split == records["medical_diff_vqa-53189527"].split == "test"
-    assert report.counts["patient_in_several_splits_moved"] == 1
+    assert report.flagged["patient_in_several_splits_moved"] == 1

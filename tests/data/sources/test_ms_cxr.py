@@ -2,18 +2,19 @@ import pytest
 
 from cxrfm.data.sources import get_converter
 from cxrfm.data.sources.base import BuildReport
+from tests.data.sources.built import build
 from tests.data.sources.fixtures_grounding import MS_A, MS_B, MS_E, MS_F, write_ms_cxr
-from tests.data.sources.roundtrip import roundtrip
 
 
 @pytest.fixture
 def converted(tmp_path):
+    """(manifest, studies read back from the shards by id, build_report.json) of a real `cxrfm data build`."""
     write_ms_cxr(tmp_path / "raw")
-    return roundtrip(get_converter("ms_cxr")(), tmp_path / "raw", tmp_path / "shards")
+    return build("ms_cxr", tmp_path / "raw", tmp_path / "shards")
 
 
 def test_phrases_boxes_and_labels_survive_the_shards(converted):
-    loaded, back, _ = converted
+    _, back, _ = converted
     assert set(back) == {f"ms_cxr-{d}" for d in (MS_A, MS_B, MS_E, MS_F)}
     a = back[f"ms_cxr-{MS_A}"][0]
     assert (a.source, a.patient_id, a.license.startswith("PhysioNet")) == ("ms_cxr", "10000032", True)
@@ -35,9 +36,9 @@ def test_boxes_outside_the_image_are_clipped_or_dropped(converted):
     assert [g.phrase for g in b.grounding] == ["Small left pleural effusion"]  # the pneumothorax box was outside
     assert [(x.x1, x.y1, x.x2, x.y2) for x in b.grounding[0].boxes] == [(60, 40, 80, 64)]
     assert b.labels == {"Pleural Effusion": 1, "Pneumothorax": 1}  # the finding is still positive
-    assert report.counts["box_partly_outside_clipped"] == 1
-    assert report.counts["box_outside_image"] == 1
-    assert report.counts["phrase_without_boxes"] == 1
+    assert report["flagged"]["box_partly_outside_clipped"] == 1
+    assert report["skipped"]["box_outside_image"] == 1
+    assert report["skipped"]["phrase_without_boxes"] == 1
 
 
 def test_boxes_follow_a_downsized_copy_of_the_image(converted):
@@ -53,7 +54,7 @@ def test_official_split_and_no_patient_in_two_splits(converted):
     # A (train) and F (test) belong to one patient: both end in test, and the move is counted
     assert splits[f"ms_cxr-{MS_A}"] == splits[f"ms_cxr-{MS_F}"] == "test"
     assert splits[f"ms_cxr-{MS_B}"] == "val" and splits[f"ms_cxr-{MS_E}"] == "train"
-    assert report.counts["patient_in_several_splits_moved"] == 1
+    assert report["flagged"]["patient_in_several_splits_moved"] == 1
     patients = {}
     for s, _ in back.values():
         patients.setdefault(s.patient_id, set()).add(s.split)
@@ -62,10 +63,10 @@ def test_official_split_and_no_patient_in_two_splits(converted):
 
 def test_report_counts_every_problem(converted):
     _, _, report = converted
-    assert report.counts == {
-        "box_outside_image": 1, "box_partly_outside_clipped": 1, "duplicate_row": 1,
-        "image_corrupt_image": 1, "missing_file": 1, "patient_in_several_splits_moved": 1, "phrase_without_boxes": 1}
-    assert report.notes["ms_cxr_rows"] == 10
+    assert report["skipped"] == {"box_outside_image": 1, "duplicate_row": 1, "image_corrupt_image": 1,
+                                 "image_missing_file": 1, "phrase_without_boxes": 1}
+    assert report["flagged"] == {"box_partly_outside_clipped": 1, "patient_in_several_splits_moved": 1}
+    assert report["notes"]["ms_cxr_rows"] == 10 and report["notes"]["studies_written"] == 4
 
 
 def test_missing_annotation_file_names_what_to_do(tmp_path):

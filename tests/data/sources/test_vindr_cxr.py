@@ -1,14 +1,14 @@
 import pytest
 
-from cxrfm.data.sources import get_converter
+from tests.data.sources.built import build
 from tests.data.sources.fixtures_grounding import V1, V2, V3, V6, write_vindr_cxr
-from tests.data.sources.roundtrip import roundtrip
 
 
 @pytest.fixture
 def converted(tmp_path):
+    """(manifest, studies read back from the shards by id, build_report.json) of a real `cxrfm data build`."""
     write_vindr_cxr(tmp_path / "raw")
-    return roundtrip(get_converter("vindr_cxr")(), tmp_path / "raw", tmp_path / "shards")
+    return build("vindr_cxr", tmp_path / "raw", tmp_path / "shards")
 
 
 def boxes(study):
@@ -45,7 +45,7 @@ def test_no_finding_and_monochrome1(converted):
 
 
 def test_test_split_boxes_clipped_or_dropped(converted):
-    _, back, report = converted
+    _, back, _ = converted
     s = back[f"vindr_cxr-{V3}"][0]
     assert s.split == "test"
     assert boxes(s) == {"aortic enlargement": [(30, 10, 45, 30)], "pleural effusion": [(60, 40, 80, 64)]}
@@ -55,11 +55,19 @@ def test_test_split_boxes_clipped_or_dropped(converted):
 
 
 def test_report_counts_every_problem(converted):
-    loaded, _, report = converted
-    assert len(loaded) == 4
-    assert report.counts == {"box_outside_image": 1, "box_partly_outside_clipped": 1,
-                             "box_without_reader_majority": 1, "duplicate_study_id": 1,
-                             "image_corrupt_dicom": 1, "missing_file": 1, "phrase_without_boxes": 1}
+    manifest, back, report = converted
+    assert len(back) == 4 and sum(sh["samples"] for sh in manifest["shards"]) == 4
+    assert report["skipped"] == {"box_outside_image": 1, "box_without_reader_majority": 1, "duplicate_study_id": 1,
+                                 "image_corrupt_dicom": 1, "image_missing_file": 1, "phrase_without_boxes": 1}
+    assert report["flagged"] == {"box_partly_outside_clipped": 1}
+
+
+def test_boxes_follow_the_stored_image_size(tmp_path):
+    write_vindr_cxr(tmp_path / "raw")
+    _, back, _ = build("vindr_cxr", tmp_path / "raw", tmp_path / "shards", image_size=40)  # 80x64 -> 40x32
+    s, images = back[f"vindr_cxr-{V1}"]
+    assert images["frontal"].shape == (32, 40) and (s.images[0].width, s.images[0].height) == (40, 32)
+    assert boxes(s)["cardiomegaly"] == [(10, 15, 30, 25.5)]
 
 
 def test_official_train_never_lands_in_test(converted):

@@ -1,15 +1,15 @@
 import numpy as np
 import pytest
 
-from cxrfm.data.sources import get_converter
+from tests.data.sources.built import build
 from tests.data.sources.fixtures_vqa import write_vqa_rad
-from tests.data.sources.roundtrip import roundtrip
 
 
 @pytest.fixture
 def converted(tmp_path):
+    """(manifest, studies read back by id, build_report.json, the fixture's raw pixels)."""
     pixels = write_vqa_rad(tmp_path / "raw")["pixels"]
-    return (*roundtrip(get_converter("vqa_rad")(), tmp_path / "raw", tmp_path / "shards"), pixels)
+    return (*build("vqa_rad", tmp_path / "raw", tmp_path / "shards"), pixels)
 
 
 def pairs(study):
@@ -35,7 +35,7 @@ def test_an_image_with_test_questions_is_a_test_study(converted):
     s = back["vqa_rad-synpic200"][0]
     assert s.split == "test" and len(s.vqa) == 3
     assert s.images[0].view == "AP"  # from its PLANE answer
-    assert report.counts["train_question_moved_to_test"] == 2
+    assert report["flagged"]["train_question_moved_to_test"] == 2
 
 
 def test_16bit_png_is_rescaled(converted):
@@ -49,7 +49,8 @@ def test_16bit_png_is_rescaled(converted):
 
 def test_report_counts_every_filtered_question_and_image(converted):
     _, _, report, _ = converted
-    assert report.counts == {"duplicate_question": 1, "image_corrupt_image": 1, "missing_file": 1, "not_chest": 1,
-                             "not_xray": 2, "train_question_moved_to_test": 2}
-    assert report.notes["vqa_rad_questions"] == 13
-    assert "each image is its own patient" in report.notes["vqa_rad_patients"]
+    assert report["skipped"] == {"duplicate_question": 1, "image_corrupt_image": 1, "image_missing_file": 1,
+                                 "not_chest": 1, "not_xray": 2}
+    assert report["flagged"] == {"train_question_moved_to_test": 2}
+    assert report["notes"]["vqa_rad_questions"] == 13
+    assert "each image is its own patient" in report["notes"]["vqa_rad_patients"]
