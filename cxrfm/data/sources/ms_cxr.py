@@ -128,6 +128,9 @@ class Converter(base.Converter):
                             f"{root / im['path']} not found (is MIMIC-CXR-JPG's files/ under root?)")
                 continue
             meta = metadata.get(dicom, {})
+            if not meta.get("view"):
+                report.flag("view_unknown_assumed_pa", dicom,
+                            "no ViewPosition in mimic-cxr-2.0.0-metadata.csv; stored as PA")
             phrases = [{"category": c, "phrase": t, "boxes": b} for (c, t), b in im["phrases"].items()]
             records.append(base.StudyRecord(
                 study_id=base.safe_key(self.name, dicom), patient_id=im["subject"],
