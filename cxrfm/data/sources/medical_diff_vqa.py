@@ -114,7 +114,10 @@ class Converter(base.Converter):
                 continue
             entry = per_study.setdefault(study, {"qas": [], "ref": None, "splits": set()})
             split = SPLITS.get(str(row.get("split", "")).strip().lower())
-            entry["splits"].add(split or base.patient_split(studies[study]["subject"]))
+            if split is None:
+                report.flag("split_unknown_assigned_by_patient", item, f"split {row.get('split')!r}")
+                split = base.patient_split(studies[study]["subject"])
+            entry["splits"].add(split)
             if qtype == "difference":
                 problem = self._reference_problem(root, studies, study, ref, entry["ref"])
                 if problem:
