@@ -9,9 +9,10 @@ Expected under --root (the PhysioNet layout):
 
 Reader consensus, per image and class: boxes of different readers are linked when IoU > 0.5 and each
 linked group becomes the mean box; it is kept when a majority of the image's readers drew it (2 of 3 in
-train, the single consensus reading in test), otherwise counted as "box_without_reader_majority". Image
-labels: positive when a majority of readers marked it, uncertain (-1) when only a minority did,
-negative otherwise; the vote is kept in source_labels as "k/n". There is no report text: grounding
+train), otherwise counted as "box_without_reader_majority". The test set is one consensus reading: its
+boxes are kept as given, whatever rad_id its rows carry. Image labels: positive when a majority of readers
+marked it (in test: when marked), uncertain (-1) when only a minority did, negative otherwise; the vote
+is kept in source_labels as "k/n". There is no report text: grounding
 phrases are the class names. There are no patient ids (the release is de-identified per image), so each
 image is its own patient: leakage between images of one patient cannot be checked. Splits: the official
 test set is test; the official train set is divided into train and val by patient_split.
@@ -119,10 +120,13 @@ class Converter(base.Converter):
                     report.skip("image_missing_file", image, f"{root / official / image}.dicom not found")
                     continue
                 n = max(len(vote["readers"]), 1)
-                majority = n // 2 + 1
+                majority = 1 if official == "test" else n // 2 + 1
                 boxes = {}
                 for cls, cls_marks in marks[image].items():
-                    kept, dropped = consensus_boxes(cls_marks, min_readers=majority)
+                    if official == "test":
+                        kept, dropped = [box for _, box in cls_marks], 0
+                    else:
+                        kept, dropped = consensus_boxes(cls_marks, min_readers=majority)
                     for _ in range(dropped):
                         report.skip("box_without_reader_majority", image,
                                     f"{cls!r} drawn by fewer than {majority} of {n} readers")

@@ -1,5 +1,8 @@
 import pytest
 
+from cxrfm.data.sources import get_converter
+from cxrfm.data.sources.base import BuildReport
+
 from tests.data.sources.built import build
 from tests.data.sources.fixtures_grounding import V1, V2, V3, V6, write_vindr_cxr
 
@@ -74,3 +77,15 @@ def test_official_train_never_lands_in_test(converted):
     _, back, _ = converted
     assert all(s.split in ("train", "val") for s, _ in back.values() if s.study_id in (f"vindr_cxr-{V1}",
                                                                                         f"vindr_cxr-{V2}"))
+
+
+def test_test_set_boxes_are_kept_as_given_whatever_their_reader(tmp_path):
+    write_vindr_cxr(tmp_path)
+    ann = tmp_path / "annotations" / "annotations_test.csv"
+    ann.write_text(f"image_id,rad_id,class_name,x_min,y_min,x_max,y_max\n"
+                   f"{V3},R11,Nodule/Mass,10,10,20,20\n{V3},R12,Nodule/Mass,12,12,22,22\n{V3},R13,Atelectasis,5,5,9,9\n")
+    report = BuildReport()
+    [record] = [r for r in get_converter("vindr_cxr")().scan(tmp_path, report) if r.study_id == f"vindr_cxr-{V3}"]
+    assert record.payload["boxes"] == {"Nodule/Mass": [[10, 10, 20, 20], [12, 12, 22, 22]],
+                                       "Atelectasis": [[5, 5, 9, 9]]}
+    assert report.counts["box_without_reader_majority"] == 1  # the train nodule only
