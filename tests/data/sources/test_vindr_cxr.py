@@ -83,7 +83,8 @@ def test_test_set_boxes_are_kept_as_given_whatever_their_reader(tmp_path):
     write_vindr_cxr(tmp_path)
     ann = tmp_path / "annotations" / "annotations_test.csv"
     ann.write_text(f"image_id,rad_id,class_name,x_min,y_min,x_max,y_max\n"
-                   f"{V3},R11,Nodule/Mass,10,10,20,20\n{V3},R12,Nodule/Mass,12,12,22,22\n{V3},R13,Atelectasis,5,5,9,9\n")
+                   f"{V3},R11,Nodule/Mass,10,10,20,20\n{V3},R12,Nodule/Mass,12,12,22,22\n"
+                   f"{V3},R13,Atelectasis,5,5,9,9\n")
     report = BuildReport()
     [record] = [r for r in get_converter("vindr_cxr")().scan(tmp_path, report) if r.study_id == f"vindr_cxr-{V3}"]
     assert record.payload["boxes"] == {"Nodule/Mass": [[10, 10, 20, 20], [12, 12, 22, 22]],
