@@ -41,6 +41,12 @@ def _read(path: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def _id(value) -> str:
+    """A MIMIC id as text; pandas writes integer columns that had a blank as floats ("54989200.0")."""
+    text = str(value if value is not None else "").strip()
+    return text[:-2] if text.endswith(".0") and text[:-2].isdigit() else text
+
+
 def _iso(date: str) -> str | None:
     d = str(date).split(".")[0].strip()
     return f"{d[:4]}-{d[4:6]}-{d[6:8]}" if len(d) == 8 and d.isdigit() else None
@@ -66,7 +72,7 @@ class Converter(base.Converter):
                                     "MIMIC-CXR-JPG's files/ folder (or a symlink to it) inside")
         studies = {}
         for row in _read(path):
-            study, subject = str(row.get("study_id", "")).strip(), str(row.get("subject_id", "")).strip()
+            study, subject = _id(row.get("study_id")), _id(row.get("subject_id"))
             dicom = str(row.get("dicom_id", "")).strip()
             if not (study and subject and dicom):
                 report.skip("bad_row", f"mimic_all.csv study {study!r}", "subject_id, study_id or dicom_id is blank")
@@ -98,7 +104,7 @@ class Converter(base.Converter):
         per_study: dict[str, dict] = {}
         seen: set[tuple] = set()
         for i, row in enumerate(rows):
-            study, ref = str(row.get("study_id", "")).strip(), str(row.get("ref_id", "")).strip()
+            study, ref = _id(row.get("study_id")), _id(row.get("ref_id"))
             qtype = str(row.get("question_type", "")).strip().lower()
             question, answer = str(row.get("question", "")).strip(), str(row.get("answer", "")).strip()
             item = f"{study} row {i + 2}"

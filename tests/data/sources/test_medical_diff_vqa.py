@@ -64,3 +64,12 @@ def test_no_patient_in_two_splits(tmp_path):
     records = {r.study_id: r for r in get_converter("medical_diff_vqa")().scan(tmp_path, report)}
     assert records["medical_diff_vqa-50414267"].split == records["medical_diff_vqa-53189527"].split == "test"
     assert report.flagged["patient_in_several_splits_moved"] == 1
+
+
+def test_ids_written_as_floats_are_read_as_ids(tmp_path):
+    write_medical_diff_vqa(tmp_path)
+    qpath = tmp_path / "mimic_pair_questions.csv"
+    # pandas writes an integer column with a blank in it as floats
+    qpath.write_text(qpath.read_text().replace(",10000032,50414267,", ",10000032,50414267.0,"))
+    records = {r.study_id: r for r in get_converter("medical_diff_vqa")().scan(tmp_path, BuildReport())}
+    assert records["medical_diff_vqa-53189527"].prior_study_id == "medical_diff_vqa-50414267"
