@@ -12,10 +12,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 from cxrfm.data.schema import Box
-from cxrfm.data.sources.base import BuildReport, StudyRecord
-
-SPLIT_ORDER = {"train": 0, "val": 1, "test": 2}
-
+from cxrfm.data.sources.base import BuildReport
 
 def fit_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int,
             report: BuildReport, item: str) -> Box | None:
@@ -79,19 +76,3 @@ def consensus_boxes(marks: Iterable[tuple[str, Sequence[float]]], min_readers: i
         n = len(members)
         kept.append(tuple(sum(marks[i][1][k] for i in members) / n for k in range(4)))
     return kept, dropped
-
-
-def keep_patients_in_one_split(records: list[StudyRecord], report: BuildReport) -> list[StudyRecord]:
-    """Where a corpus's official split puts one patient in several splits, move all of them to the most
-    held-out one (test > val > train) so no patient crosses splits; each moved study is counted."""
-    worst: dict[str, str] = {}
-    for r in records:
-        if r.patient_id not in worst or SPLIT_ORDER[r.split] > SPLIT_ORDER[worst[r.patient_id]]:
-            worst[r.patient_id] = r.split
-    for r in records:
-        target = worst[r.patient_id]
-        if r.split != target:
-            report.flag("patient_in_several_splits_moved", r.study_id,
-                        f"patient {r.patient_id} also has studies in {target!r}; moved from {r.split!r} (kept)")
-            r.split = target
-    return records

@@ -24,7 +24,8 @@ import numpy as np
 
 from cxrfm.data.schema import GroundedPhrase, ImageRef, Study
 from cxrfm.data.sources import base
-from cxrfm.data.sources.boxes import fit_box, keep_patients_in_one_split
+from cxrfm.data.sources.boxes import fit_box
+from cxrfm.data.sources.splits import keep_patients_in_one_split
 
 BBOX_FRAME = 1024  # the side of the released PNGs, in which BBox_List_2017.csv is given
 CHEXPERT_MAP: dict[str, str | None] = {

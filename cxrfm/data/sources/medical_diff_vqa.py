@@ -26,7 +26,7 @@ import numpy as np
 from cxrfm.data.images import ImageDecodeError, read_image
 from cxrfm.data.schema import CHEXPERT_LABELS, ImageRef, Study, VQAPair
 from cxrfm.data.sources import base
-from cxrfm.data.sources.boxes import SPLIT_ORDER, keep_patients_in_one_split
+from cxrfm.data.sources.splits import keep_patients_in_one_split, most_held_out
 
 QTYPES = {"abnormality": "presence", "presence": "presence", "location": "location", "level": "size",
           "type": "other", "view": "view", "difference": "change"}
@@ -152,7 +152,7 @@ class Converter(base.Converter):
                          "view": VIEWS.get(r["view"], ("", "PA"))[1]}
             records.append(base.StudyRecord(
                 study_id=base.safe_key(self.name, study), patient_id=s["subject"],
-                split=max(entry["splits"], key=SPLIT_ORDER.__getitem__), study_date=s["date"],
+                split=most_held_out(entry["splits"]), study_date=s["date"],
                 prior_study_id=base.safe_key(self.name, entry["ref"]) if entry["ref"] else None,
                 payload={"path": str(root / s["path"]), "role": role_view[0], "view": role_view[1], "prior": prior,
                          "labels": s["labels"], "qas": entry["qas"]}))

@@ -26,7 +26,8 @@ import numpy as np
 
 from cxrfm.data.schema import CHEXPERT_LABELS, GroundedPhrase, ImageRef, Study
 from cxrfm.data.sources import base
-from cxrfm.data.sources.boxes import fit_box, keep_patients_in_one_split, scale_xyxy
+from cxrfm.data.sources.boxes import fit_box, scale_xyxy
+from cxrfm.data.sources.splits import keep_patients_in_one_split
 
 PATH_IDS = re.compile(r"p(?P<subject>\d+)/s(?P<study>\d+)/(?P<dicom>[^/]+)\.(?:jpg|jpeg|png|dcm)$", re.IGNORECASE)
 SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}

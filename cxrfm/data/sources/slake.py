@@ -26,7 +26,7 @@ import numpy as np
 
 from cxrfm.data.schema import ImageRef, Study, VQAPair
 from cxrfm.data.sources import base
-from cxrfm.data.sources.boxes import SPLIT_ORDER
+from cxrfm.data.sources.splits import most_held_out
 
 SPLIT_FILES = {"train": ("train.json",), "val": ("validate.json", "validation.json"), "test": ("test.json",)}
 QTYPES = {"abnormality": "presence", "position": "location", "quantity": "count", "size": "size", "plane": "view"}
@@ -90,7 +90,7 @@ class Converter(base.Converter):
                 report.skip("image_missing_file", image,
                             f"{path} not found (is imgs.zip extracted into Slake1.0/imgs/?)")
                 continue
-            split = max((q["split"] for q in qas), key=SPLIT_ORDER.__getitem__)
+            split = most_held_out(q["split"] for q in qas)
             for q in qas:
                 if q["split"] != split:
                     report.flag("question_moved_to_held_out_split", q["qid"],
