@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from cxrfm.data.schema import Box
 from cxrfm.data.sources.base import BuildReport
 
+
 def fit_box(x1: float, y1: float, x2: float, y2: float, width: int, height: int,
             report: BuildReport, item: str) -> Box | None:
     """The box clipped to a width x height image, or None (counted) when nothing of it is inside."""
