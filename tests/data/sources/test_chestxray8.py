@@ -18,6 +18,7 @@ def test_labels_boxes_and_16bit_png(converted):
     _, back, _, pixels = converted
     s, images = back["chestxray8-00000001_000"]
     assert (s.source, s.patient_id, s.split in ("train", "val")) == ("chestxray8", "1", True)
+    assert s.license.startswith("NIH Clinical Center")
     assert [(im.role, im.view, im.width, im.height) for im in s.images] == [("frontal", "PA", 64, 64)]
     assert s.labels["Cardiomegaly"] == s.labels["Pleural Effusion"] == 1
     assert s.labels["No Finding"] == 0 and s.labels["Lung Lesion"] == 0 and "Support Devices" not in s.labels

@@ -19,6 +19,7 @@ def test_difference_question_brings_the_prior_image(converted):
     _, back, _, paths, raw = converted
     s, images = back["medical_diff_vqa-53189527"]
     assert (s.source, s.patient_id, s.split, s.study_date) == ("medical_diff_vqa", "10000032", "train", "2180-06-26")
+    assert s.license.startswith("PhysioNet Credentialed Health Data License")
     assert [(im.role, im.key, im.view) for im in s.images] == [("frontal", "frontal.png", "AP"),
                                                               ("prior", "prior.png", "PA")]
     assert s.prior_study_id == "medical_diff_vqa-50414267"

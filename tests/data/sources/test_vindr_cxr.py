@@ -22,6 +22,7 @@ def test_reader_consensus_boxes_and_labels(converted):
     _, back, _ = converted
     s = back[f"vindr_cxr-{V1}"][0]
     assert (s.source, s.patient_id, s.split in ("train", "val")) == ("vindr_cxr", V1, True)
+    assert s.license.startswith("PhysioNet Credentialed Health Data License")
     assert [(im.role, im.view, im.width, im.height) for im in s.images] == [("frontal", "PA", 80, 64)]
     # three overlapping cardiomegaly boxes -> their mean; two effusion boxes (2 of 3 readers) -> their mean;
     # the nodule drawn by one reader only is not a box
