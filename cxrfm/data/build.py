@@ -214,8 +214,43 @@ def build(cfg: DataConfig, out: str | Path) -> dict:
     return build_from_source(cfg, out)
 
 
+def ensure_mixture_tokenizer(cfg: DataConfig) -> Path:
+    """With data.sources: check every source is built and train one tokenizer on all their train texts.
+
+    It is saved in data.shards/tokenizer with mixture.json naming the manifests it was trained on, and
+    retrained when the mixture's sources or their manifests change.
+    """
+    from cxrfm.text.tokenizer import train_tokenizer
+
+    out = Path(cfg.shards)
+    wanted = []
+    for m in cfg.sources:
+        manifest = Path(m.shards) / MANIFEST
+        if not manifest.is_file():
+            raise FileNotFoundError(f"data.sources: {m.name} has no shards at {m.shards}; build them first: "
+                                    f"cxrfm data build --source {m.name} --root DATASET_DIR --out {m.shards}")
+        wanted.append({"name": m.name, "shards": str(Path(m.shards).resolve()), "manifest_sha256": sha256_file(manifest)})
+    record = out / "mixture.json"
+    if (out / "tokenizer" / "tokenizer.json").is_file() and record.is_file() and \
+            json.loads(record.read_text()).get("sources") == wanted:
+        return out
+    texts: list[str] = []
+    for m in cfg.sources:
+        texts += _train_texts(Path(m.shards), json.loads((Path(m.shards) / MANIFEST).read_text())["shards"])
+    if not texts:
+        raise ValueError(f"data.sources: no training texts in {[m.shards for m in cfg.sources]}")
+    out.mkdir(parents=True, exist_ok=True)
+    train_tokenizer(texts, vocab_size=cfg.vocab_size).save_pretrained(str(out / "tokenizer"))
+    record.write_text(json.dumps({"sources": wanted}, indent=2))
+    return out
+
+
 def ensure_shards(cfg: DataConfig) -> Path:
-    """Build synthetic shards when missing (the tiny default runs from nothing); never for real sources."""
+    """Build synthetic shards when missing (the tiny default runs from nothing); never for real sources.
+
+    With data.sources (a mixture) every source must be built; the joint tokenizer is made here."""
+    if cfg.sources:
+        return ensure_mixture_tokenizer(cfg)
     out = Path(cfg.shards)
     if (out / MANIFEST).is_file() and (out / "tokenizer" / "tokenizer.json").is_file():
         return out

@@ -17,7 +17,7 @@ import numpy as np
 from cxrfm.config import Config
 from cxrfm.data.samples import ALL_TASKS, ROLES, SampleSpec, choose_task, decode_image, encode_example
 from cxrfm.data.schema import Study
-from cxrfm.data.shards import shard_paths
+from cxrfm.data.mixture import mixture_paths
 
 SKIP_REASONS = ("ok", "bad_json", "corrupt_image", "missing_image", "no_task")
 TASK_IDS = {t: i for i, t in enumerate(ALL_TASKS)}
@@ -103,8 +103,8 @@ def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool)
     """A streaming Ray Dataset of fixed-shape examples, and the samples excluded before reading."""
     import ray.data
 
-    shards = Path(cfg.data.shards)
-    paths, skipped = shard_paths(shards, split, verify=cfg.data.verify_shards)
+    shards = Path(cfg.data.shards)  # with data.sources: where the mixture's joint tokenizer lives
+    paths, skipped = mixture_paths(cfg.data, split)  # one source, or several drawn by weight (data/mixture.py)
     spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, num_image_tokens, augment)
     ds = ray.data.read_webdataset(paths, decoder=None, shuffle="files" if augment else None, num_cpus=0.25)
     ds = ds.map_batches(

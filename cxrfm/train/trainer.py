@@ -90,6 +90,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     from cxrfm.attention import resolve_backend
     from cxrfm.data.build import ensure_shards
     from cxrfm.data.pipeline import build_dataset
+    from cxrfm.data.mixture import mixture_params, resolve_sources
     from cxrfm.data.shards import load_manifest
     from cxrfm.train.loop import train_loop_per_worker
     from cxrfm.train.tracking import flatten, tracking_uri
@@ -97,6 +98,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     # Ray workers do not share the driver's working directory: every path they get is absolute.
     cfg = cfg.model_copy(deep=True)
     cfg.data.shards = str(Path(cfg.data.shards).resolve())
+    for mix in cfg.data.sources:
+        mix.shards = str(Path(mix.shards).resolve())
     cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())
     out = Path(cfg.train.output_dir)
     run_name = resume or cfg.tracking.run_name or f"{cfg.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -125,7 +128,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     print(f"attention backend: {backend} ({why})")
 
     ensure_shards(cfg.data)
-    manifest = load_manifest(cfg.data.shards)
+    manifests = [load_manifest(root) for _, _, root in resolve_sources(cfg.data)]  # one, or one per mixed source
     vision = cfg.model.projector.num_tokens
     dataset, excluded = build_dataset(cfg, "train", vision, augment=True)
 
@@ -140,9 +143,12 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     state_file.write_text(json.dumps({"run_name": run_name, "mlflow_run_id": run_id, "tracking_uri": uri}, indent=2))
     if not previous:
         mlflow.log_params(flatten(cfg.dump()))
-        for split, info in manifest["splits"].items():
-            mlflow.log_metrics({f"data/{split}/studies": info["studies"],
-                                **{f"data/{split}/{t}": n for t, n in info["tasks"].items()}})
+        mlflow.log_params(mixture_params(cfg.data))  # per-source weights, study counts per split, licenses
+        for split in ("train", "val", "test"):
+            infos = [m["splits"][split] for m in manifests if split in m["splits"]]
+            tasks = {t: sum(i["tasks"].get(t, 0) for i in infos) for i in infos for t in i["tasks"]}
+            mlflow.log_metrics({f"data/{split}/studies": sum(i["studies"] for i in infos),
+                                **{f"data/{split}/{t}": n for t, n in tasks.items()}})
     mlflow.log_artifact(str(run_dir / "config.yaml"))
     for reason, n in excluded.items():
         print(f"warning: {n} training samples excluded before reading ({reason}); run: cxrfm data verify {cfg.data.shards}")
