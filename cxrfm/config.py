@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -240,14 +241,41 @@ class TrackingConfig(_Section):
     run_name: str | None = None
 
 
+# GPU kinds a job can ask for: `cxrfm plan --gpu` takes the same names, and on Kubernetes each maps to
+# the node label GPU feature discovery sets (cxrfm/kube.py GPU_PRODUCTS).
+GPU_TYPES = ("h100-80gb", "h200-141gb", "a100-80gb", "a100-40gb", "l4-24gb")
+# The image cluster/Dockerfile builds; its tag is the package version.
+DEFAULT_IMAGE = "ghcr.io/cxrfm/cxrfm:0.1.0"
+_QUANTITY = re.compile(r"[1-9][0-9]*(Ki|Mi|Gi|Ti)")
+
+
 class JobConfig(_Section):
-    """What a job needs from a cluster beyond the training config (used by `cxrfm jobs`)."""
+    """What a job needs from a cluster beyond the training config (`cxrfm jobs`, `cxrfm plan`).
+
+    On Kubernetes the job gets one worker pod per node, each holding `gpus_per_node` GPUs of
+    `gpu_type`, `cpus_per_node` cores and `memory_per_node` memory; Ray Train runs
+    `train.num_workers` workers, one per GPU. Unset resources follow from the train section
+    (`Config.job_resources`)."""
 
     name: str = "cxrfm-tiny"
     entrypoint: str = "cxrfm train"
     runtime_env: dict[str, Any] = Field(default_factory=dict)
+    image: str = Field(DEFAULT_IMAGE, min_length=1, description="container image every pod runs (cluster/Dockerfile)")
     num_nodes: int = Field(1, ge=1)
-    gpu_type: str | None = None
+    gpus_per_node: int | None = Field(None, ge=0, description="GPUs per worker pod; default train.num_workers / "
+                                      "num_nodes with train.use_gpu, else 0")
+    gpu_type: Literal[GPU_TYPES] | None = None
+    cpus_per_node: int | None = Field(None, ge=1, description="CPU cores per worker pod; default "
+                                      "train.cpus_per_worker x workers per node + 2 for Ray Data")
+    memory_per_node: str | None = Field(None, description="memory per worker pod as a Kubernetes quantity "
+                                        "(e.g. 1280Gi); default 160Gi per GPU, or 4Gi per CPU worker")
+
+    @model_validator(mode="after")
+    def _quantity(self) -> "JobConfig":
+        if self.memory_per_node is not None and not _QUANTITY.fullmatch(self.memory_per_node):
+            raise ValueError(f"job.memory_per_node {self.memory_per_node!r} is not a Kubernetes memory quantity; "
+                             "write a whole number with Ki, Mi, Gi or Ti, e.g. 1280Gi")
+        return self
 
 
 class Config(_Section):
@@ -283,7 +311,42 @@ class Config(_Section):
                              "or set them to false on CPU")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision=fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16 on CPU")
+        self.job_resources()  # the job section's resources agree with the train section
         return self
+
+    def job_resources(self) -> dict[str, Any]:
+        """The resources one worker pod (one node) asks for: image, nodes, GPUs (count and kind), CPUs
+        and memory; the job section's values, or what the train section implies where they are unset.
+        Raises ValueError when the two disagree."""
+        job, t = self.job, self.train
+        per_node = math.ceil(t.num_workers / job.num_nodes)  # Ray Train workers on each node
+        if t.use_gpu:
+            if job.gpus_per_node is None and t.num_workers % job.num_nodes:
+                raise ValueError(f"train.num_workers ({t.num_workers}) does not split evenly over job.num_nodes "
+                                 f"({job.num_nodes}) (one Ray Train worker per GPU, the same GPUs on every node); "
+                                 "change one of them")
+            gpus = job.gpus_per_node if job.gpus_per_node is not None else t.num_workers // job.num_nodes
+            if gpus * job.num_nodes != t.num_workers:
+                raise ValueError(f"job.num_nodes ({job.num_nodes}) x job.gpus_per_node ({gpus}) = "
+                                 f"{gpus * job.num_nodes} GPUs, but train.num_workers is {t.num_workers} (one Ray "
+                                 "Train worker per GPU); make them equal")
+        else:
+            gpus = job.gpus_per_node or 0
+            if gpus:
+                raise ValueError(f"job.gpus_per_node is {gpus} but train.use_gpu is false; set train.use_gpu=true "
+                                 "or job.gpus_per_node=0")
+            if job.gpu_type:
+                raise ValueError(f"job.gpu_type is {job.gpu_type!r} but train.use_gpu is false; set "
+                                 "train.use_gpu=true or drop job.gpu_type")
+        need = math.ceil(t.cpus_per_worker * per_node)
+        cpus = job.cpus_per_node if job.cpus_per_node is not None else need + 2
+        if cpus < need:
+            raise ValueError(f"job.cpus_per_node ({cpus}) is less than the {need} cores the node's {per_node} Ray "
+                             f"Train worker(s) reserve (train.cpus_per_worker={t.cpus_per_worker}); raise it or "
+                             "lower train.cpus_per_worker")
+        memory = job.memory_per_node or (f"{160 * gpus}Gi" if gpus else f"{4 * per_node}Gi")
+        return {"image": job.image, "num_nodes": job.num_nodes, "workers_per_node": per_node, "gpus_per_node": gpus,
+                "gpu_type": job.gpu_type, "cpus_per_node": cpus, "memory_per_node": memory}
 
     def dump(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -5,8 +5,9 @@
     cxrfm jobs submit jobs/pretrain-m4cxr.yaml --to kubernetes --namespace cxrfm [--dry-run]
     cxrfm jobs status <rayjob name> --to kubernetes --namespace cxrfm
 
-A spec is a cxrfm config whose `job` section names the entrypoint, node count, GPU kind and Ray
-runtime environment. It is validated here, before anything is submitted. The job runs the spec as
+A spec is a cxrfm config whose `job` section names the entrypoint, the Ray runtime environment and
+the resources (container image, nodes, GPUs per node and their kind, CPUs and memory per node). It is
+validated here, before anything is submitted. The job runs the spec as
 written plus the `--set` overrides, which are passed on the entrypoint so the dashboard shows them.
 
 Ray: through the Ray Jobs API (`JobSubmissionClient`); the spec is uploaded as the job's working
@@ -178,8 +179,7 @@ def _submit(args: argparse.Namespace) -> int:
         return 0
     cfg = load_config(spec, args.set)
     pvc = None if args.pvc in ("", "none") else args.pvc
-    manifests = kube.rayjob_manifests(cfg, spec, args.set, namespace=args.namespace, image=args.image, pvc=pvc,
-                                      memory_per_worker=args.memory_per_worker)
+    manifests = kube.rayjob_manifests(cfg, spec, args.set, namespace=args.namespace, image=args.image, pvc=pvc)
     if args.dry_run:
         print(kube.dump_manifests(manifests), end="")
         return 0
@@ -269,11 +269,10 @@ def add_jobs_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     p.add_argument("--dry-run", action="store_true", help="print the Kubernetes manifests instead of creating them")
     p.add_argument("--follow", action="store_true", help="ray: stream the log until the job ends")
-    p.add_argument("--image", default=kube.DEFAULT_IMAGE, help="container image (cluster/Dockerfile)")
+    p.add_argument("--image", default=None,
+                   help="container image (default: the spec's job.image, %s)" % kube.DEFAULT_IMAGE)
     p.add_argument("--pvc", default="cxrfm-shared",
                    help=f"shared PersistentVolumeClaim mounted at {kube.SHARED_MOUNT} ('none': pod-local disk only)")
-    p.add_argument("--memory-per-worker", default=None,
-                   help="memory per training worker, e.g. 160Gi (default 160Gi with GPUs, 4Gi without)")
     p.set_defaults(func=_guard(_submit))
 
     for name, helptext, handler in (("status", "show a job's status", _status),

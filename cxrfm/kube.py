@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 import secrets
@@ -24,16 +23,16 @@ from typing import Any
 
 import yaml
 
-from cxrfm.config import Config, ConfigError
+from cxrfm.config import DEFAULT_IMAGE, Config, ConfigError  # noqa: F401 (DEFAULT_IMAGE re-exported)
 
 GROUP, VERSION, PLURAL, KIND = "ray.io", "v1", "rayjobs", "RayJob"
 RAY_VERSION = "2.60.0"  # the Ray in cluster/Dockerfile; KubeRay uses it to pick head/worker commands
-DEFAULT_IMAGE = "ghcr.io/cxrfm/cxrfm:0.1.0"  # built from cluster/Dockerfile
 SPEC_DIR = "/etc/cxrfm/jobs"  # where the spec ConfigMap is mounted on the head
 SHARED_MOUNT = "/mnt/cxrfm"  # the shared volume for shards and checkpoints (cluster/README.md)
 KUBERAY_HINT = ("install the KubeRay operator first: helm install kuberay-operator kuberay/kuberay-operator "
                 "--version 1.7.0 (https://docs.ray.io/en/latest/cluster/kubernetes/getting-started.html)")
-# GPU feature discovery labels nodes with the product name; `cxrfm plan` names map onto them.
+# GPU feature discovery labels nodes with the product name; job.gpu_type (cxrfm.config.GPU_TYPES, the
+# names `cxrfm plan` takes) maps onto them.
 GPU_PRODUCTS = {
     "h100-80gb": "NVIDIA-H100-80GB-HBM3", "h200-141gb": "NVIDIA-H200",
     "a100-80gb": "NVIDIA-A100-SXM4-80GB", "a100-40gb": "NVIDIA-A100-SXM4-40GB", "l4-24gb": "NVIDIA-L4",
@@ -111,24 +110,23 @@ def _pod(role: str, image: str, resources: dict[str, Any], volumes: list[dict], 
 
 
 def rayjob_manifests(cfg: Config, spec_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
-                     namespace: str = "default", image: str = DEFAULT_IMAGE, pvc: str | None = "cxrfm-shared",
-                     memory_per_worker: str | None = None, name: str | None = None) -> list[dict[str, Any]]:
-    """[ConfigMap with the spec, RayJob] for `cfg` (already validated from `spec_path` + `overrides`)."""
+                     namespace: str = "default", image: str | None = None, pvc: str | None = "cxrfm-shared",
+                     name: str | None = None) -> list[dict[str, Any]]:
+    """[ConfigMap with the spec, RayJob] for `cfg` (already validated from `spec_path` + `overrides`).
+
+    The worker pods ask for the spec's job resources (`Config.job_resources`): job.gpus_per_node GPUs of
+    job.gpu_type, job.cpus_per_node cores and job.memory_per_node memory each, on job.num_nodes nodes,
+    running job.image (or `image`)."""
     spec_path = Path(spec_path)
     name = name or job_name(cfg)
     t, job = cfg.train, cfg.job
+    res = cfg.job_resources()
+    image = image or res["image"]
     labels = {"app.kubernetes.io/name": "cxrfm", "app.kubernetes.io/component": "training",
               "app.kubernetes.io/managed-by": "cxrfm-jobs", "cxrfm.io/job": name}
-    per_node = math.ceil(t.num_workers / job.num_nodes)
-    # Ray Data's reading and decoding runs beside the trainers: two cores per node on top of theirs.
-    cpus = math.ceil(t.cpus_per_worker * per_node) + 2
-    memory = memory_per_worker or ("160Gi" if t.use_gpu else "4Gi")
-    quantity = re.fullmatch(r"(\d+)([KMGT]i)", memory)
-    if not quantity:
-        raise KubeError(f"--memory-per-worker {memory!r}: use a Kubernetes quantity such as 160Gi")
-    worker_limits: dict[str, Any] = {"cpu": str(cpus), "memory": f"{int(quantity[1]) * per_node}{quantity[2]}"}
-    if t.use_gpu:
-        worker_limits["nvidia.com/gpu"] = str(per_node)
+    worker_limits: dict[str, Any] = {"cpu": str(res["cpus_per_node"]), "memory": res["memory_per_node"]}
+    if res["gpus_per_node"]:
+        worker_limits["nvidia.com/gpu"] = str(res["gpus_per_node"])
     head_limits = {"cpu": "4", "memory": "16Gi"}
 
     volumes = [{"name": "tmp", "emptyDir": {}},
@@ -167,7 +165,7 @@ def rayjob_manifests(cfg: Config, spec_path: str | Path, overrides: list[str] | 
                     "minReplicas": job.num_nodes, "maxReplicas": job.num_nodes,
                     "rayStartParams": {},
                     "template": _pod("worker", image, {"requests": worker_limits, "limits": worker_limits},
-                                     volumes, mounts, job.gpu_type, labels, False),
+                                     volumes, mounts, res["gpu_type"], labels, False),
                 }],
             },
         },

@@ -11,15 +11,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+import warnings
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -65,12 +66,75 @@ def test_rayjob_manifests_validate(spec):
     assert len(rayjob["metadata"]["name"]) <= 46
     workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == cfg.job.num_nodes
-    limits = workers["template"]["spec"]["containers"][0]["resources"]["limits"]
+    container = workers["template"]["spec"]["containers"][0]
+    limits = container["resources"]["limits"]
+    assert container["resources"]["requests"] == limits  # a gang of whole nodes: requests = limits
+    # Every spec states its resources, and the worker pods ask for exactly those.
+    job = yaml.safe_load(path.read_text())["job"]
+    assert {"image", "num_nodes", "gpus_per_node", "cpus_per_node", "memory_per_node"} <= set(job), spec
+    assert container["image"] == job["image"]
+    assert limits["cpu"] == str(job["cpus_per_node"]) and limits["memory"] == job["memory_per_node"]
     if cfg.train.use_gpu:
-        assert int(limits["nvidia.com/gpu"]) * cfg.job.num_nodes == cfg.train.num_workers
+        assert int(limits["nvidia.com/gpu"]) == job["gpus_per_node"]
+        assert job["gpus_per_node"] * job["num_nodes"] == cfg.train.num_workers
         assert workers["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
     else:
-        assert "nvidia.com/gpu" not in limits
+        assert "nvidia.com/gpu" not in limits and job["gpus_per_node"] == 0
+
+
+@needs_crds
+def test_pretrain_rayjob_requests_eight_nodes_of_eight_gpus(capsys, monkeypatch, tmp_path):
+    """The M4CXR pretraining spec through `--dry-run`: 8 worker pods of 8 H100s each, the spec's image
+    and memory, and a RayJob the KubeRay CRD schema accepts."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    rc, out, err = run_cli(["jobs", "submit", str(REPO / "jobs" / "pretrain-m4cxr.yaml"), "--to", "kubernetes",
+                            "--dry-run"], capsys)
+    assert rc == 0, err
+    configmap, rayjob = yaml.safe_load_all(out)
+    assert kube.validate_kuberay(rayjob, CRDS) == []
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 8
+    pod = group["template"]["spec"]
+    (worker,) = pod["containers"]
+    for key in ("requests", "limits"):
+        assert worker["resources"][key] == {"nvidia.com/gpu": "8", "cpu": "66", "memory": "1280Gi"}
+    assert pod["nodeSelector"] == {"nvidia.com/gpu.product": "NVIDIA-H100-80GB-HBM3"}
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod["tolerations"]
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert worker["image"] == head["image"] == "ghcr.io/cxrfm/cxrfm:0.1.0"
+    assert "nvidia.com/gpu" not in head["resources"]["limits"]  # the head schedules, it trains nothing
+    # --image overrides the spec's image for every pod; --set job.* changes the resources.
+    rc, out, err = run_cli(["jobs", "submit", str(REPO / "jobs" / "pretrain-m4cxr.yaml"), "--to", "kubernetes",
+                            "--dry-run", "--image", "registry.example/cxrfm:dev", "--set", "job.memory_per_node=1500Gi"],
+                           capsys)
+    assert rc == 0, err
+    rayjob = list(yaml.safe_load_all(out))[1]
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["template"]["spec"]["containers"][0]["image"] == "registry.example/cxrfm:dev"
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "1500Gi"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["job.gpus_per_node=4"], "job.num_nodes (8) x job.gpus_per_node (4) = 32 GPUs, but train.num_workers is 64"),
+    (["job.gpus_per_node=null", "train.num_workers=60"], "train.num_workers (60) does not split evenly over job.num_nodes (8)"),
+    (["job.memory_per_node=1.5T"], "job.memory_per_node '1.5T' is not a Kubernetes memory quantity"),
+    (["job.cpus_per_node=32"], "job.cpus_per_node (32) is less than the 64 cores"),
+    (["job.gpu_type=h100"], "config key 'job.gpu_type' = 'h100' is not allowed"),
+    (["train.use_gpu=false", "train.precision=fp32", "job.gpu_type=null"], "job.gpus_per_node is 8 but train.use_gpu is false"),
+])
+def test_job_resources_are_validated(overrides, message):
+    from cxrfm.config import ConfigError
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO / "jobs" / "pretrain-m4cxr.yaml", overrides)
+
+
+def test_gpu_kinds_agree_across_config_kube_and_plan():
+    from cxrfm.config import GPU_TYPES
+    from cxrfm.plan import GPUS
+
+    assert set(GPU_TYPES) == set(kube.GPU_PRODUCTS) == set(GPUS)
 
 
 @needs_crds
@@ -278,66 +342,169 @@ def test_unreachable_api_server_is_one_line(tmp_path, monkeypatch, capsys):
 
 # ---- a real Ray head on this machine --------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct loopback ports free right now (all held open until every one is picked)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
+
+
+HEAD_ATTEMPTS = 3        # a fresh head (new ports, new temp dir) after a failed start
+HEAD_DEADLINE_S = 480    # for all attempts together: generous for a loaded 2-core machine, but bounded
+
+
+def _head_processes(marker: str, root: int) -> list:
+    """This head's processes only: descendants of its `ray start`, plus any process (job entrypoints
+    that left their session, workers re-parented after a crash) whose environment carries this head's
+    own marker. Another Ray on the machine never has the marker."""
+    import psutil
+
+    found = {}
+    try:
+        parent = psutil.Process(root)
+        found[root] = parent
+        found.update((c.pid, c) for c in parent.children(recursive=True))
+    except psutil.Error:
+        pass
+    for proc in psutil.process_iter():
+        try:
+            if proc.environ().get("CXRFM_TEST_RAY_HEAD") == marker:
+                found[proc.pid] = proc
+        except psutil.Error:
+            continue
+    found.pop(os.getpid(), None)
+    return list(found.values())
+
+
+def _stop_head(proc: subprocess.Popen, marker: str) -> None:
+    """`ray stop` for this head alone: SIGTERM its processes, SIGKILL what is left after 15 s."""
+    import psutil
+
+    procs = _head_processes(marker, proc.pid)
+    for p in procs:
+        try:
+            p.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=15)
+    for p in alive + _head_processes(marker, proc.pid):
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=5)
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+def _head_log_tail(tmp: str) -> str:
+    """The end of `ray start`'s output and of the head's own logs, for a failure message."""
+    parts = []
+    sessions = [d for d in sorted(Path(tmp).glob("session_*")) if not d.is_symlink()]  # not session_latest
+    for path in [Path(tmp) / "ray-start.log",
+                 *(d / "logs" / name for d in sessions for name in ("raylet.out", "gcs_server.out", "dashboard.log"))]:
+        try:
+            text = path.read_text(errors="replace")[-1500:]
+        except OSError:
+            continue
+        parts.append(f"--- {path.name} (last 1500 characters)\n{text}")
+    return "\n".join(parts) or "(no logs were written)"
 
 
 @pytest.fixture(scope="module")
 def ray_head():
-    """`ray start --head --block` in its own process group; the dashboard listens on loopback only.
-    Token auth with a fresh token, so the test neither depends on nor touches ~/.ray."""
-    token = secrets.token_hex(16)
+    """A local Ray head for this module: `ray start --head --block` with this interpreter's Ray, the
+    dashboard on loopback, every port picked free, and token authentication explicitly off (Ray turns
+    it on by itself when ~/.ray/auth_token exists, while this process reads its auth mode once, at
+    import, and would be refused; the dashboard listens on loopback only, for the module's duration).
+    A start that fails or does not answer in time (Ray gives its raylet a fixed 30 s to register, which
+    a loaded machine can miss) is stopped and retried on new ports; the test fails with the head's logs
+    once all attempts or the overall deadline are used up. Teardown stops this head's processes and no
+    others."""
+    from ray.exceptions import AuthenticationError
+    from ray.job_submission import JobSubmissionClient
+
+    marker = f"{os.getpid()}-{secrets.token_hex(8)}"
     # This interpreter's Ray and its scripts (`cxrfm` for the jobs), even when its venv is not activated.
     bindir = str(Path(sys.executable).parent)
-    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""),
-               RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0",
+    env = dict(os.environ, PATH=bindir + os.pathsep + os.environ.get("PATH", ""), CXRFM_TEST_RAY_HEAD=marker,
+               RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0",
                # Shared 2-core CI machines stall processes for seconds: a head that declares its own
                # raylet dead under load takes the dashboard with it, so health checks are patient.
                RAY_health_check_period_ms="10000", RAY_health_check_timeout_ms="60000",
                RAY_health_check_failure_threshold="10", RAY_gcs_rpc_server_reconnect_timeout_s="300",
-               RAY_DASHBOARD_STARTUP_TIMEOUT_S="240")
-    tmp = tempfile.mkdtemp(prefix="cxrfm-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
-    dash = _free_port()
-    # Every port picked free: the defaults (6379, 8265, 10001, the agent's 52365) may belong to another
-    # Ray on a shared machine, and an agent that cannot bind leaves the head unable to run any job.
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--port", str(_free_port()), "--dashboard-host", "127.0.0.1",
-         "--dashboard-port", str(dash), "--dashboard-agent-listen-port", str(_free_port()),
-         "--ray-client-server-port", str(_free_port()), "--include-dashboard", "true", "--num-cpus", "2",
-         "--temp-dir", tmp, "--disable-usage-stats"],
-        env=env, start_new_session=True, stdout=open(Path(tmp) / "ray-start.log", "w"), stderr=subprocess.STDOUT)
-    saved = {k: os.environ.get(k) for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
-    os.environ.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token)
+               RAY_gcs_server_port_wait_time_s="120", RAY_DASHBOARD_STARTUP_TIMEOUT_S="240")
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):  # never someone else's cluster or token
+        env.pop(name, None)
     # The head's job agent registers late on a loaded machine: let submissions wait for it longer.
     agent_wait, jobs_module.AGENT_WAIT_S = jobs_module.AGENT_WAIT_S, 300
-    address = f"http://127.0.0.1:{dash}"
+    deadline = time.monotonic() + HEAD_DEADLINE_S
+    proc, tmp, failures = None, None, []
     try:
-        from ray.job_submission import JobSubmissionClient
-
-        deadline = time.time() + 300
-        while True:
-            try:
-                JobSubmissionClient(address).list_jobs()
+        for attempt in range(1, HEAD_ATTEMPTS + 1):
+            tmp = tempfile.mkdtemp(prefix="cxrfm-ray-", dir="/tmp")  # short: Ray's socket paths have a length limit
+            gcs, dash, agent, client = _free_ports(4)
+            # The defaults (6379, 8265, 10001, the agent's 52365, workers on 10002-19999) may belong to
+            # another Ray on a shared machine, and an agent that cannot bind leaves the head unable to run
+            # any job; workers (0/0) bind random ports.
+            cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block",
+                   "--node-ip-address", "127.0.0.1", "--port", str(gcs),
+                   "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dash),
+                   "--dashboard-agent-listen-port", str(agent), "--ray-client-server-port", str(client),
+                   "--min-worker-port", "0", "--max-worker-port", "0",
+                   "--include-dashboard", "true", "--num-cpus", "2", "--temp-dir", tmp, "--disable-usage-stats"]
+            with open(Path(tmp) / "ray-start.log", "w") as log:
+                proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+            address = f"http://127.0.0.1:{dash}"
+            started = time.monotonic()
+            attempt_deadline = min(deadline, started + 240)
+            error = None
+            while error is None:
+                try:
+                    JobSubmissionClient(address).list_jobs()
+                    break
+                except AuthenticationError as err:  # up, but refusing us: waiting will not help
+                    error = f"the dashboard at {address} refused the request: {str(err).splitlines()[0][:300]}"
+                except Exception as err:  # not up yet
+                    if proc.poll() is not None:
+                        error = f"`ray start` exited with status {proc.returncode}"
+                    elif time.monotonic() > attempt_deadline:
+                        error = (f"no answer from the dashboard at {address} within "
+                                 f"{time.monotonic() - started:.0f} s ({type(err).__name__}: "
+                                 f"{str(err).splitlines()[0][:300] if str(err) else ''})")
+                    else:
+                        time.sleep(1)
+            if error is None:
                 break
-            except Exception:
-                if proc.poll() is not None or time.time() > deadline:
-                    pytest.fail("ray head did not come up:\n" + (Path(tmp) / "ray-start.log").read_text()[-2000:])
-                time.sleep(1)
+            failures.append(f"attempt {attempt}: {error} (load average {os.getloadavg()[0]:.1f})\n"
+                            + _head_log_tail(tmp))
+            # Visible in pytest's warnings summary even when a later attempt succeeds.
+            warnings.warn(f"local Ray head, attempt {attempt} of {HEAD_ATTEMPTS}: {error} (load average "
+                          f"{os.getloadavg()[0]:.1f}); retrying on new ports", stacklevel=1)
+            _stop_head(proc, marker)
+            shutil.rmtree(tmp, ignore_errors=True)
+            proc, tmp = None, None
+            if time.monotonic() > deadline - 60:
+                break
+        if proc is None:
+            pytest.fail(f"the local Ray head did not come up in {len(failures)} attempt(s) within "
+                        f"{HEAD_DEADLINE_S} s:\n" + "\n".join(failures), pytrace=False)
         yield address
     finally:
         jobs_module.AGENT_WAIT_S = agent_wait
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        # Only the processes this fixture started: its own process group.
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        shutil.rmtree(tmp, ignore_errors=True)
+        if proc is not None:
+            _stop_head(proc, marker)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _spec(tmp_path: Path, entrypoint: str) -> Path:
