@@ -5,8 +5,9 @@
     tokenizer/
 
 Resumable: build_state.json records a digest of the records and build settings plus every finished shard
-(with its sha256). A rerun into the same directory skips finished shards whose file still matches, so an
-interrupted build continues where it stopped; a changed source or setting starts over.
+(its sha256, size and mtime; details in build_state/). A rerun into the same directory skips finished shards
+whose file is unchanged, so an interrupted (even killed) build continues where it stopped; a changed source
+or setting starts over.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from cxrfm.data.sources.base import BuildReport, StudyRecord, count_duplicates, 
 
 log = logging.getLogger(__name__)
 BUILD_STATE = "build_state.json"
+STATE_DIR = "build_state"
 
 
 def study_texts(study: Study) -> list[str]:
@@ -40,6 +42,20 @@ def study_texts(study: Study) -> list[str]:
 
 def num_workers(cfg: DataConfig) -> int:
     return cfg.num_workers if cfg.num_workers is not None else min(4, os.cpu_count() or 1)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """Pool initializer: leave when the build process is gone (killed builds must not leave workers behind;
+    a pool worker holds both ends of its task queue, so it never sees the parent's death by itself)."""
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
 
 
 def _check_root(cfg: DataConfig) -> Path | None:
@@ -93,6 +109,9 @@ def build_one_shard(source: str, cfg_data: dict, records: list[StudyRecord], pat
 
 
 def _load_state(out: Path, digest: str) -> dict:
+    """build_state.json: {"digest", "finished": {shard: {"sha256", "size", "mtime_ns"}}}; the per-shard details
+    (patients, task counts, build report) live in build_state/<shard>.json, so recording one more finished
+    shard rewrites a small index, not everything built so far."""
     path = out / BUILD_STATE
     if path.is_file():
         try:
@@ -100,27 +119,51 @@ def _load_state(out: Path, digest: str) -> dict:
         except json.JSONDecodeError:
             state = {}
         if state.get("digest") == digest:
-            return state
+            shards = {}
+            for name in state.get("finished", {}):
+                detail = out / STATE_DIR / f"{name}.json"
+                if detail.is_file():
+                    shards[name] = json.loads(detail.read_text())
+            return {"digest": digest, "finished": state.get("finished", {}), "shards": shards}
         log.info("%s: records or settings changed since the last build; starting over", path)
-        for old in state.get("shards", {}):  # the old build's shards must not linger next to the new ones
+        for old in state.get("finished", {}):  # the old build's shards must not linger next to the new ones
             (out / old).unlink(missing_ok=True)
+            (out / STATE_DIR / f"{old}.json").unlink(missing_ok=True)
         (out / MANIFEST).unlink(missing_ok=True)
-    return {"digest": digest, "shards": {}}
+    return {"digest": digest, "finished": {}, "shards": {}}
 
 
-def _save_state(out: Path, state: dict) -> None:
-    tmp = out / f"{BUILD_STATE}.tmp"
-    tmp.write_text(json.dumps(state))
-    os.replace(tmp, out / BUILD_STATE)
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
-def _finished(out: Path, entry: dict | None) -> bool:
-    if entry is None:
+def _record_finished(out: Path, state: dict, entry: dict) -> None:
+    name = entry["path"]
+    (out / STATE_DIR).mkdir(exist_ok=True)
+    _atomic_write(out / STATE_DIR / f"{name}.json", json.dumps(entry))
+    shard = out / name
+    st = shard.stat() if entry["samples"] else None
+    state["shards"][name] = entry
+    state["finished"][name] = {"sha256": entry["sha256"], "samples": entry["samples"],
+                               "size": st.st_size if st else 0, "mtime_ns": st.st_mtime_ns if st else 0}
+    _atomic_write(out / BUILD_STATE, json.dumps({"digest": state["digest"], "finished": state["finished"]}))
+
+
+def _finished(out: Path, state: dict, name: str) -> bool:
+    """Recorded as finished and the file is still the one written (size and mtime; `cxrfm data verify`
+    checks every sha256 — hashing every shard on each resume would cost as much as reading the dataset)."""
+    done, entry = state["finished"].get(name), state["shards"].get(name)
+    if done is None or entry is None:
         return False
-    if entry["samples"] == 0:
+    if done["samples"] == 0:
         return True  # every study of the shard was skipped; nothing on disk to check
-    path = out / entry["path"]
-    return path.is_file() and sha256_file(path) == entry["sha256"]
+    path = out / name
+    if not path.is_file():
+        return False
+    st = path.stat()
+    return (st.st_size, st.st_mtime_ns) == (done["size"], done["mtime_ns"])
 
 
 def _train_texts(out: Path, entries: list[dict]) -> list[str]:
@@ -161,19 +204,14 @@ def build_from_source(cfg: DataConfig, out: str | Path, on_shard_done: Callable[
     state = _load_state(out, records_digest([r for _, recs in plan for r in recs], settings))
     for stale in out.glob("*.tar.tmp-*"):  # a worker killed mid-write
         stale.unlink()
-    planned = {name for name, _ in plan}
-    for old in list(state["shards"]):
-        if old not in planned:
-            state["shards"].pop(old)
-    todo = [(name, recs) for name, recs in plan if not _finished(out, state["shards"].get(name))]
+    todo = [(name, recs) for name, recs in plan if not _finished(out, state, name)]
     log.info("%s: %d shards planned, %d already built", out, len(plan), len(plan) - len(todo))
     cfg_data = cfg.model_dump()
 
     def finish(entry: dict) -> None:
         if entry["samples"] == 0:
             (out / entry["path"]).unlink(missing_ok=True)
-        state["shards"][entry["path"]] = entry
-        _save_state(out, state)
+        _record_finished(out, state, entry)
         if on_shard_done is not None:
             on_shard_done(entry["path"])
 
@@ -183,7 +221,8 @@ def build_from_source(cfg: DataConfig, out: str | Path, on_shard_done: Callable[
             finish(build_one_shard(cfg.source, cfg_data, recs, str(out / name)))
     else:
         # spawn, not fork: the caller may already run Ray or torch threads, which do not survive a fork
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
             pending = {pool.submit(build_one_shard, cfg.source, cfg_data, recs, str(out / name)) for name, recs in todo}
             try:
                 while pending:

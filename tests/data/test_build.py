@@ -39,7 +39,7 @@ def test_interrupted_build_resumes_without_rewriting_finished_shards(tmp_path):
         build_from_source(_cfg(), out, on_shard_done=stop_after_two)
     assert not (out / MANIFEST).exists()  # no manifest until every shard is there
     state = json.loads((out / BUILD_STATE).read_text())
-    assert sorted(state["shards"]) == sorted(done)
+    assert sorted(state["finished"]) == sorted(done)
     before = {name: _stamp(out / name) for name in done}
     # a worker killed mid-write leaves a temporary file; a shard damaged after it was recorded is redone
     (out / "val-000000.tar.tmp-12345").write_bytes(b"partial")
@@ -96,3 +96,32 @@ def test_cli_builds_a_real_source_and_names_a_missing_root(tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="mimic-cxr-2.0.0-metadata.csv"):
         build_from_source(DataConfig(source="mimic_cxr", root=str(root)), tmp_path / "x")
     assert os.path.isdir(out / "tokenizer")
+
+
+KILL_AFTER_TWO = """
+import os, signal, sys
+from cxrfm.config import DataConfig
+from cxrfm.data.build import build_from_source
+done = []
+def hook(name):
+    done.append(name)
+    if len(done) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no finally: like a lost machine
+build_from_source(DataConfig(num_studies=60, shard_size=10, vocab_size=300, num_workers=2), sys.argv[1], on_shard_done=hook)
+"""
+
+
+def test_killed_build_with_workers_resumes(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    out = tmp_path / "shards"
+    r = subprocess.run([sys.executable, "-c", KILL_AFTER_TWO, str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    finished = json.loads((out / BUILD_STATE).read_text())["finished"]
+    assert len(finished) == 2 and not (out / MANIFEST).exists()
+    before = {name: _stamp(out / name) for name in finished}
+    manifest = build_from_source(_cfg(num_workers=2), out)
+    assert {name: _stamp(out / name) for name in finished} == before
+    assert verify_shards(out).ok and sum(s["samples"] for s in manifest["shards"]) == 60
