@@ -15,6 +15,7 @@ import argparse
 import copy
 import glob
 import os
+import signal
 import tempfile
 from pathlib import Path
 
@@ -139,14 +140,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving on http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)}  (OpenAPI at /docs)")
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="cxrfm-serve-", delete=False) as f:
         f.write(text)
+    import ray
+    from ray.serve._private.constants import SERVE_NAMESPACE
     from ray.serve.scripts import cli as serve_cli
 
     try:
         # "local" starts a private Ray instance; without it Ray would attach to whatever cluster RAY_ADDRESS
-        # or /tmp/ray/ray_current_cluster names.
-        return serve_cli.main(["run", "--address", args.address, f.name], standalone_mode=False) or 0
+        # or /tmp/ray/ray_current_cluster names. Ray starts here, not inside `serve run`, so that SIGTERM
+        # (kill, docker stop, systemd) can be turned into the Ctrl-C that `serve run` answers by shutting
+        # Serve down: Ray's own SIGTERM handler would abort the process instead.
+        ray.init(address=args.address, namespace=SERVE_NAMESPACE)
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        return serve_cli.main(["run", f.name], standalone_mode=False) or 0
     finally:
         os.unlink(f.name)
+
+
+def _stop_on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one shutdown; a second SIGTERM must not cut it short
+    raise KeyboardInterrupt
 
 
 def add_serve_parser(subparsers) -> argparse.ArgumentParser:

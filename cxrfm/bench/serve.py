@@ -173,6 +173,23 @@ async def autoscaling_run(args, url: str, key: str) -> list:
     return samples
 
 
+def autoscaling_summary(samples: list) -> str:
+    """What the controller asked for (replicas in any state but STOPPING) and what ran, and in which phase:
+    on a busy machine new replicas can take longer to start than the load lasts."""
+    def wanted(states: dict) -> int:
+        return sum(v for k, v in states.items() if k != "STOPPING")
+
+    load = [s for s in samples if s[1] == "load"] or samples
+    asked = max(wanted(s[2]) for s in load)
+    up = next((s for s in samples if wanted(s[2]) > 1), None)
+    peak = max(samples, key=lambda s: s[2].get("RUNNING", 0))
+    running_load = max(s[2].get("RUNNING", 0) for s in load)
+    end = samples[-1][2].get("RUNNING", 0)
+    first = f" (first at t={up[0]:.0f}s)" if up else ""
+    return (f"replicas: controller asked for {asked} under load{first}; running: {running_load} at most during "
+            f"the load, peak {peak[2].get('RUNNING', 0)} at t={peak[0]:.0f}s ({peak[1]}); {end} at the end")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = add_args(argparse.ArgumentParser(prog="cxrfm bench serve", description=__doc__.split("\n\n")[0])).parse_args(argv)
     import ray
@@ -203,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
                                           "target_ongoing_requests": 2, "upscale_delay_s": 3, "downscale_delay_s": 10,
                                           "metrics_interval_s": 1, "look_back_period_s": 3})
             samples = asyncio.run(autoscaling_run(args, url, key))
-            peak = max(s[2].get("RUNNING", 0) for s in samples)
-            end = samples[-1][2].get("RUNNING", 0)
-            print(f"  replicas: 1 -> peak {peak} under load -> {end} after it")
+            print("  " + autoscaling_summary(samples))
     finally:
         serve.shutdown()
         ray.shutdown()
