@@ -134,9 +134,13 @@ class Converter(BaseConverter):
                 report.skip("label_unreadable", sid, str(e))
                 labels = {}
             order = first_present(row, ["patient_report_date_order"])
-            records.append(StudyRecord(sid, first_present(row, ["deid_patient_id"], patient), split, payload={
+            source_labels = {k: ",".join(str(v) for v in vs) for k, vs in raw.items()}
+            if first_present(row, ["deid_patient_id"]):
+                source_labels["deid_patient_id"] = first_present(row, ["deid_patient_id"])
+            # the patient folder is CheXpert's own patient id, the one its train/valid split separates
+            records.append(StudyRecord(sid, patient, split, payload={
                 "views": {role: list(pv) for role, pv in views.items()}, "sections": sections, "labels": labels,
-                "source_labels": {k: ",".join(str(v) for v in vs) for k, vs in raw.items()},
+                "source_labels": source_labels,
                 "order": int(float(order)) if order else None}))
         by_id = link_priors(records, report, key=lambda r: r.payload["order"])
         for rec in records:

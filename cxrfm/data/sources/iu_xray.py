@@ -72,8 +72,15 @@ def parse_openi_xml(path: Path) -> dict:
         if label in sections:
             sections[label] = " ".join((node.text or "").split())
     number = tree.find(".//IUXRId")
+    uid = tree.find(".//uId")  # "CXR1": older dumps lack IUXRId
+    if number is not None and number.get("id"):
+        number = number.get("id")
+    elif uid is not None and (uid.get("id") or "").startswith("CXR"):
+        number = uid.get("id")[3:]
+    else:
+        number = path.stem
     return {
-        "number": number.get("id") if number is not None else path.stem,
+        "number": number,
         "sections": sections,
         "mesh_major": [(n.text or "").strip() for n in tree.iter("major") if (n.text or "").strip()],
         "mesh_automatic": [(n.text or "").strip() for n in tree.iter("automatic") if (n.text or "").strip()],

@@ -12,12 +12,12 @@ def test_chexpert_plus_round_trip(tmp_path):
                             "chexpert_plus-patient00002-study1"]
 
     s1, img1 = back["chexpert_plus-patient00001-study1"]
-    assert (s1.patient_id, s1.split, s1.source) == ("PAT1", "train", "chexpert_plus")
+    assert (s1.patient_id, s1.split, s1.source) == ("patient00001", "train", "chexpert_plus")
     assert (s1.indication, s1.comparison) == ("Shortness of breath.", "None.")
     assert (s1.findings, s1.impression) == ("Small left pleural effusion.", "Small left effusion.")
     # two label rows of the study: effusion 1.0 and -1.0 -> positive wins; blank Edema is not mentioned
     assert s1.labels == {"Pleural Effusion": 1, "Cardiomegaly": 0}
-    assert s1.source_labels == {"Pleural Effusion": "1.0,-1.0", "Cardiomegaly": "0.0"}
+    assert s1.source_labels == {"Pleural Effusion": "1.0,-1.0", "Cardiomegaly": "0.0", "deid_patient_id": "PAT1"}
     assert [(r.role, r.view) for r in s1.images] == [("frontal", "AP"), ("lateral", "LATERAL")]
     assert img1["frontal"].max() == 255 and img1["frontal"].min() == 0  # 16-bit PNG scaled
 
