@@ -254,3 +254,11 @@ def test_plan_cli_when_nothing_fits_and_bad_input(capsys):
         _plan_cli([str(PRETRAIN), "--gpu", "tpu-v5"], capsys)
     with pytest.raises(SystemExit):
         _plan_cli([str(PRETRAIN), "--tokens", "lots"], capsys)
+
+
+def test_plan_defaults_to_the_specs_gpus(capsys):
+    """Without --gpus / --gpu / --gpus-per-node the plan is for the GPUs the spec's job section asks for."""
+    rc, out, _ = _plan_cli([str(PRETRAIN), "--set", "job.gpu_type=a100-80gb"], capsys)
+    assert rc in (0, 1) and "on 64 x a100-80gb (8 node(s) x 8)" in out
+    rc, out, _ = _plan_cli([str(PRETRAIN), "--set", "job.num_nodes=16", "--set", "job.gpus_per_node=4"], capsys)
+    assert "on 64 x h100-80gb (16 node(s) x 4)" in out
