@@ -268,6 +268,10 @@ def ensure_mixture_tokenizer(cfg: DataConfig) -> Path:
         if not manifest.is_file():
             raise FileNotFoundError(f"data.sources: {m.name} has no shards at {m.shards}; build them first: "
                                     f"cxrfm data build --source {m.name} --root DATASET_DIR --out {m.shards}")
+        built_from = json.loads(manifest.read_text()).get("sources", [])
+        if m.name not in built_from:
+            raise ValueError(f"data.sources: the entry named {m.name!r} points at {m.shards}, which holds shards of "
+                             f"{built_from}; fix the name or the path")
         wanted.append({"name": m.name, "shards": str(Path(m.shards).resolve()), "manifest_sha256": sha256_file(manifest)})
     record = out / "mixture.json"
     if (out / "tokenizer" / "tokenizer.json").is_file() and record.is_file() and \

@@ -4,9 +4,12 @@ from collections import Counter
 
 import pytest
 
-from cxrfm.config import ConfigError, DataConfig, load_config
+from cxrfm.config import ConfigError, DataConfig, SourceMix, load_config
 from cxrfm.data.build import build_from_source, ensure_shards
 from cxrfm.data.mixture import mixture_params, mixture_paths, mixture_schedule
+from cxrfm.data.shards import load_manifest
+
+from .sources.fixtures_reports import write_iu_xray
 
 
 def _source(name, shards, size):
@@ -52,37 +55,57 @@ def test_config_validates_sources():
 
 @pytest.fixture(scope="module")
 def two_sources(tmp_path_factory):
+    """s1: 40 synthetic studies in shards of 4; s2: the IU X-ray fixture (2 train studies) in shards of 1."""
     base = tmp_path_factory.mktemp("mix")
-    for seed in (1, 2):
-        build_from_source(DataConfig(num_studies=40, shard_size=4, seed=seed, vocab_size=300, num_workers=1), base / f"s{seed}")
+    build_from_source(DataConfig(num_studies=40, shard_size=4, seed=1, vocab_size=300, num_workers=1), base / "s1")
+    write_iu_xray(base / "iu")
+    build_from_source(DataConfig(source="iu_xray", root=str(base / "iu"), shard_size=1, vocab_size=300,
+                                 num_workers=1), base / "s2")
     return base
 
 
-def test_mixture_paths_params_and_joint_tokenizer(two_sources):
-    from cxrfm.config import SourceMix
+def _mix(base, w1=3.0, w2=1.0) -> DataConfig:
+    return DataConfig(shards=str(base / "mix"), vocab_size=300, sources=[
+        SourceMix(name="synthetic", weight=w1, shards=str(base / "s1")),
+        SourceMix(name="iu_xray", weight=w2, shards=str(base / "s2"))])
 
-    cfg = DataConfig(shards=str(two_sources / "mix"), vocab_size=300, sources=[
-        SourceMix(name="synthetic", weight=3.0, shards=str(two_sources / "s1")),
-        SourceMix(name="iu_xray", weight=1.0, shards=str(two_sources / "s2"))])  # any registered name labels a source
+
+def _samples_per_source(paths, base) -> Counter:
+    sizes = {}
+    for name in ("s1", "s2"):
+        sizes |= {str(base / name / sh["path"]): sh["samples"] for sh in load_manifest(base / name)["shards"]}
+    got = Counter()
+    for p in paths:
+        got["synthetic" if "/s1/" in p else "iu_xray"] += sizes[p]
+    return got
+
+
+def test_mixture_paths_params_and_joint_tokenizer(two_sources):
+    cfg = _mix(two_sources)
     ensure_shards(cfg)
-    assert (two_sources / "mix" / "tokenizer" / "tokenizer.json").is_file()
-    stamp = (two_sources / "mix" / "tokenizer" / "tokenizer.json").stat().st_mtime_ns
+    tok = two_sources / "mix" / "tokenizer" / "tokenizer.json"
+    stamp = tok.stat().st_mtime_ns
     ensure_shards(cfg)  # same sources: not retrained
-    assert (two_sources / "mix" / "tokenizer" / "tokenizer.json").stat().st_mtime_ns == stamp
+    assert tok.stat().st_mtime_ns == stamp
 
     paths, skipped = mixture_paths(cfg, "train")
     assert skipped == {}
-    n1 = sum(1 for p in paths if "/s1/" in p)
-    n2 = sum(1 for p in paths if "/s2/" in p)
-    assert 2.0 <= n1 / n2 <= 4.5  # 3:1 by weight, up to one 4-study shard per source
+    got = _samples_per_source(paths, two_sources)
+    assert 2.5 <= got["synthetic"] / got["iu_xray"] <= 3.5  # 3:1 by weight; IU's 2 studies are cycled
+    assert len([p for p in paths if "/s2/" in p]) > 2
     val, _ = mixture_paths(cfg, "val")  # evaluation splits: every shard once
     assert len(val) == len(set(val))
 
     params = mixture_params(cfg)
     assert params["data.mixture.synthetic.weight"] == "3.0"
-    assert params["data.mixture.iu_xray.counts.synthetic.train"].isdigit()
+    assert params["data.mixture.iu_xray.counts.iu_xray.train"] == "2"
     assert params["data.mixture.synthetic.license.synthetic"] == "CC0-1.0"
+    assert "CC BY-NC-ND" in params["data.mixture.iu_xray.license.iu_xray"]
 
+    swapped = _mix(two_sources).model_copy(update={"sources": [
+        SourceMix(name="iu_xray", weight=1, shards=str(two_sources / "s1"))]})
+    with pytest.raises(ValueError, match="holds shards of \\['synthetic'\\]"):
+        ensure_shards(swapped)
     missing = cfg.model_copy(update={"sources": [SourceMix(name="mimic_cxr", weight=1, shards=str(two_sources / "nope"))]})
     with pytest.raises(FileNotFoundError, match="cxrfm data build --source mimic_cxr"):
         ensure_shards(missing)
@@ -90,23 +113,16 @@ def test_mixture_paths_params_and_joint_tokenizer(two_sources):
 
 @pytest.mark.slow
 def test_ray_data_reads_the_weighted_stream(two_sources):
-    """The schedule through Ray Data's read_webdataset: studies arrive in the weighted proportion."""
+    """The schedule through Ray Data's read_webdataset: studies arrive in the weighted proportion,
+    repeated (upsampled) shards included."""
     import ray
 
-    from cxrfm.config import SourceMix
-
-    cfg = DataConfig(shards=str(two_sources / "mix"), vocab_size=300, sources=[
-        SourceMix(name="synthetic", weight=3.0, shards=str(two_sources / "s1")),
-        SourceMix(name="iu_xray", weight=1.0, shards=str(two_sources / "s2"))])
-    paths, _ = mixture_paths(cfg, "train")
+    paths, _ = mixture_paths(_mix(two_sources), "train")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         keys = [row["__key__"] for row in ray.data.read_webdataset(paths, decoder=None).select_columns(["__key__"]).iter_rows()]
     finally:
         ray.shutdown()
-    per_seed = Counter(k.split("-")[1] for k in keys)
-    expected = Counter()
-    for p in paths:  # repeated shards are read again (upsampling)
-        expected["1" if "/s1/" in p else "2"] += 4
-    assert sum(per_seed.values()) >= sum(expected.values()) - 8  # the last shard of a split may be short
-    assert 2.0 <= per_seed["1"] / per_seed["2"] <= 4.5
+    got = Counter("iu_xray" if k.startswith("iu-") else "synthetic" for k in keys)
+    assert got == _samples_per_source(paths, two_sources)
+    assert 2.5 <= got["synthetic"] / got["iu_xray"] <= 3.5
