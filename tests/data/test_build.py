@@ -3,12 +3,15 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
 from cxrfm.cli import main
 from cxrfm.config import DataConfig
 from cxrfm.data.build import BUILD_STATE, build_from_source
+from cxrfm.data.schema import ImageRef, Study
 from cxrfm.data.shards import MANIFEST, load_manifest, sha256_file, verify_shards
+from cxrfm.data.sources.base import Converter, StudyRecord
 
 from .sources.fixtures_reports import write_iu_xray
 
@@ -125,3 +128,39 @@ def test_killed_build_with_workers_resumes(tmp_path):
     manifest = build_from_source(_cfg(num_workers=2), out)
     assert {name: _stamp(out / name) for name in finished} == before
     assert verify_shards(out).ok and sum(s["samples"] for s in manifest["shards"]) == 60
+
+
+class FlakyConverter(Converter):
+    """A converter with a bug on one study and bad data on another: neither may stop the build."""
+
+    name, license = "flaky", "CC0-1.0"
+
+    def scan(self, root, report):
+        return [StudyRecord(f"f{i}", f"p{i}", "train", {"i": i}) for i in range(4)]
+
+    def load(self, record, report):
+        i = record.payload["i"]
+        if i == 1:
+            raise KeyError("bug in the converter")
+        if i == 2:
+            report.skip("image_corrupt_image", record.study_id, "bad bytes")
+            return None
+        split = "test" if i == 3 else "train"  # study 3 disagrees with its record
+        study = Study(study_id=record.study_id, patient_id=record.patient_id, split=split, source=self.name,
+                      license=self.license, findings="Clear lungs.",
+                      images=[ImageRef(role="frontal", key="frontal.png", view="PA", width=40, height=40)])
+        return study, {"frontal": np.full((40, 40), 100, np.uint8)}
+
+
+def test_converter_errors_are_counted_not_fatal(tmp_path, monkeypatch):
+    from cxrfm.data.sources import SOURCES, get_converter
+
+    monkeypatch.setitem(SOURCES, "flaky", f"{__name__}:FlakyConverter")
+    monkeypatch.setitem(SOURCES, "ghost", "cxrfm.data.sources.ghost:Converter")
+    with pytest.raises(ValueError, match="'ghost' is registered but its converter module .* is not installed"):
+        get_converter("ghost")
+    manifest = build_from_source(DataConfig(source="flaky", root=str(tmp_path), vocab_size=300, num_workers=1), tmp_path / "out")
+    report = json.loads((tmp_path / "out" / "build_report.json").read_text())
+    assert report["skipped"] == {"converter_error": 2, "image_corrupt_image": 1}
+    assert "KeyError" in report["examples"]["converter_error"][0]["detail"]
+    assert manifest["splits"]["train"]["studies"] == 1
