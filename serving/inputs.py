@@ -16,9 +16,11 @@ import binascii
 import numpy as np
 
 # The decoding core lives in cxrfm.data.images (shared with the dataset converters); re-exported here.
-from cxrfm.data.images import JPEG_SIG, MIN_SIDE, PNG_SIG, decode_image, sniff  # noqa: F401
+from cxrfm.data.images import JPEG_SIG, MIN_SIDE, PNG_SIG, decode_image, sniff
 from cxrfm.data.images import ImageDecodeError as InputError
 
+__all__ = ["JPEG_SIG", "MIN_SIDE", "PNG_SIG", "ROLES", "InputError", "decode_base64", "decode_image", "decode_study",
+           "sniff"]
 ROLES = ("frontal", "lateral", "prior")
 
 
