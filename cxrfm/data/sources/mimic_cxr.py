@@ -90,14 +90,25 @@ class Converter(BaseConverter):
             if dicom in split_of:
                 s["splits"].add(split_of[dicom])
 
+        # Priors are linked over every imaged study, before report filtering: the previous exam's frontal is
+        # the right prior even when that exam's own report is missing or empty.
+        imaged = {}
+        for study, s in studies.items():
+            views = choose_views((p, v) for _, p, v in sorted(s["images"]))
+            if views:
+                imaged[study] = StudyRecord(f"mimic-s{study}", f"p{s['subject']}", "", {"views": views}, s["date"])
+            else:
+                report.skip("study_without_usable_image", f"mimic-s{study}", "no PA/AP/LATERAL/LL image on disk")
+        by_id = link_priors(imaged.values(), report)
         dirs = self._report_dirs(root)
         records = []
         for study, s in studies.items():
-            sid, subject = f"mimic-s{study}", s["subject"]
-            views = choose_views((p, v) for _, p, v in sorted(s["images"]))
-            if not views:
-                report.skip("study_without_usable_image", sid, "no readable PA/AP/LATERAL/LL image listed")
+            if study not in imaged:
                 continue
+            sid, subject, views = f"mimic-s{study}", s["subject"], dict(imaged[study].payload["views"])
+            prior = by_id.get(imaged[study].prior_study_id or "")
+            if prior is not None and "frontal" in prior.payload["views"]:
+                views["prior"] = prior.payload["views"]["frontal"]
             text_path = next((d / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt" for d in dirs
                               if (d / f"p{subject[:2]}" / f"p{subject}" / f"s{study}.txt").is_file()), None)
             if text_path is None:
@@ -119,14 +130,10 @@ class Converter(BaseConverter):
                 report.skip("label_unreadable", sid, str(e))
                 labels = {}
             source_labels = {k: v.strip() for k, v in labels_of.get(study, {}).items() if v and v.strip()}
-            records.append(StudyRecord(sid, f"p{subject}", split, study_date=s["date"], payload={
+            records.append(StudyRecord(sid, f"p{subject}", split, study_date=s["date"],
+                                       prior_study_id=prior.study_id if "prior" in views else None, payload={
                 "views": {role: list(pv) for role, pv in views.items()}, "sections": sections,
                 "labels": labels, "source_labels": source_labels}))
-        by_id = link_priors(records, report)
-        for rec in records:
-            prior = by_id.get(rec.prior_study_id) if rec.prior_study_id else None
-            if prior is not None and "frontal" in prior.payload["views"]:
-                rec.payload["views"]["prior"] = prior.payload["views"]["frontal"]
         report.note("studies_with_prior_image", sum("prior" in r.payload["views"] for r in records))
         return records
 

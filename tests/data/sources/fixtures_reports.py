@@ -108,6 +108,7 @@ def write_mimic(root: Path) -> dict:
     s50000005  subject 10000034: only an unreadable JPEG -> skipped at load
     s50000006  subject 10000034: listed image missing on disk -> skipped at scan
     s50000007  subject 10000035: no report file -> skipped at scan
+    s50000008  subject 10000035, later: its prior is s50000007's PA although s50000007 has no report
     and a metadata row reusing study 50000001 for another subject (duplicate study id).
     """
     meta, split, labels = [], [], []
@@ -146,6 +147,8 @@ def write_mimic(root: Path) -> dict:
     image("10000034", "50000006", "d6-gone", "PA", "21900401", kind="none", split_name="test")
     text("10000034", "50000006", "FINDINGS: Clear lungs.\nIMPRESSION: Normal.")
     image("10000035", "50000007", "d7-pa", "PA", "21900101", seed=7)
+    image("10000035", "50000008", "d8-pa", "PA", "21900202", seed=9)
+    text("10000035", "50000008", "FINDINGS: Clear lungs.\nIMPRESSION: Normal.")
     image("10000099", "50000001", "d99-pa", "PA", "21800101", seed=8)  # study id reused by another subject
 
     labels = [{"subject_id": "10000032", "study_id": "50000001", "Cardiomegaly": "1.0", "Edema": "-1.0",
@@ -157,7 +160,7 @@ def write_mimic(root: Path) -> dict:
               "ViewPosition", "Rows", "Columns", "StudyDate", "StudyTime"], meta)
     write_csv(root / "mimic-cxr-2.0.0-split.csv", ["dicom_id", "study_id", "subject_id", "split"], split)
     write_csv(root / "mimic-cxr-2.0.0-chexpert.csv", ["subject_id", "study_id", *CHEXPERT_LABELS], labels)
-    return {"written": ["mimic-s50000001", "mimic-s50000002", "mimic-s50000003", "mimic-s50000004"]}
+    return {"written": ["mimic-s50000001", "mimic-s50000002", "mimic-s50000003", "mimic-s50000004", "mimic-s50000008"]}
 
 
 # -- CheXpert Plus ------------------------------------------------------------------------------------

@@ -37,6 +37,9 @@ def test_mimic_round_trip_fields_priors_and_report_counts(tmp_path):
     assert s3.split == "val" and s3.findings == "" and s3.impression == "No acute cardiopulmonary process."
     assert img3["frontal"][0].mean() > 250 and img3["frontal"][-1].mean() < 5  # inverted: low values white
     assert back["mimic-s50000004"][0].split == "test" and len(back["mimic-s50000004"][0].images) == 1
+    s8, img8 = back["mimic-s50000008"]  # the prior exam has no report, but its image is still the prior
+    assert s8.prior_study_id == "mimic-s50000007"
+    np.testing.assert_array_equal(img8["prior"], read_image(root / "files/p10/p10000035/s50000007/d7-pa.jpg"))
 
     assert report["skipped"] == {
         "duplicate_study_id": 1,            # study 50000001 listed again for subject 10000099
@@ -49,5 +52,5 @@ def test_mimic_round_trip_fields_priors_and_report_counts(tmp_path):
     }
     assert report["flagged"] == {"report_impression_only": 1}
     assert report["examples"]["missing_report"][0]["item"] == "mimic-s50000007"
-    assert manifest["source_counts"] == {"mimic_cxr": {"train": 2, "val": 1, "test": 1}}
+    assert manifest["source_counts"] == {"mimic_cxr": {"train": 3, "val": 1, "test": 1}}
     assert manifest["licenses"]["mimic_cxr"].startswith("PhysioNet")
