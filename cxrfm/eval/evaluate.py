@@ -148,7 +148,8 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
 
         clf = load_classifier(classifier)
         items = [(s, ims) for s, ims in studies if s.report and "frontal" in ims]
-        generated = np.stack([predictor.generate_image(s.report, seed=i, steps=image_steps) for i, (s, _) in enumerate(items)])
+        generated = np.concatenate([predictor.generate_images([s.report for s, _ in chunk], seed=i, steps=image_steps)
+                                    for i, chunk in enumerate(_batched(items, batch_size))])  # (n, S, S)
         real = np.stack([np.asarray(_resize(ims["frontal"], generated.shape[-1])) for _, ims in items])
         prompt_labels = [s.labels for s, _ in items]
         metrics.update(score_images(clf, generated, prompt_labels, real))

@@ -129,20 +129,29 @@ class Predictor:
     def generate_image(self, text: str, seed: int = 0, steps: int | None = None,
                        guidance: float | None = None) -> np.ndarray:
         """Text-to-CXR: the LM reads the report text (no image), the diffusion decoder draws (S, S) uint8."""
+        return self.generate_images([text], seed, steps, guidance)[0]
+
+    @torch.no_grad()
+    def generate_images(self, texts: list[str], seed: int = 0, steps: int | None = None,
+                        guidance: float | None = None) -> np.ndarray:
+        """A batch of reports -> (n, S, S) uint8, sampled together (one seeded noise draw for the batch)."""
         from cxrfm.model.diffusion import pack_tokens
 
         if self.model.diffusion is None:
             raise ValueError("this model has no diffusion decoder (it was trained with model.diffusion.enabled=false)")
-        if not text.strip():
-            raise ValueError("generate needs a report text")
-        ids = torch.tensor([prompt_ids(self.tokenizer, [], "generate", text, self.num_image_tokens)], device=self.device)
-        mask = torch.ones_like(ids)
+        if not texts or any(not t.strip() for t in texts):
+            raise ValueError("generate needs a non-empty report text for every image")
+        rows = [prompt_ids(self.tokenizer, [], "generate", t, self.num_image_tokens) for t in texts]
+        width = max(len(r) for r in rows)
+        # Right padding: the LM is causal, so pads after a prompt never change its hidden states.
+        ids = torch.tensor([r + [self.vocab[PAD]] * (width - len(r)) for r in rows], device=self.device)  # (n, T)
+        mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=self.device)
         embeds = self.model.language.get_input_embeddings()(ids)
-        hidden = self.model.language.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (1, T, D)
+        hidden = self.model.language.model(inputs_embeds=embeds, attention_mask=mask).last_hidden_state  # (n, T, D)
         cond, cond_mask = pack_tokens(hidden, mask.bool(), self.model.cfg.diffusion.max_text_tokens)
         generator = torch.Generator(device=self.device).manual_seed(seed)
-        image = self.model.diffusion.sample(cond, cond_mask, num_steps=steps, guidance_scale=guidance, generator=generator)
-        return image[0].cpu().numpy()
+        images = self.model.diffusion.sample(cond, cond_mask, num_steps=steps, guidance_scale=guidance, generator=generator)
+        return images.cpu().numpy()
 
     # ---- one-call helpers per task -----------------------------------------------------------
     def report(self, images: dict[str, np.ndarray], indication: str = "", options: GenerationOptions | None = None) -> Answer:

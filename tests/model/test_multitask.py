@@ -142,3 +142,9 @@ def test_generate_task_trains_the_decoder_and_the_language_model(small_shards, t
     image = Predictor(tmp_path).generate_image("moderate right pleural effusion.", seed=0, steps=2)
     again = Predictor(tmp_path).generate_image("moderate right pleural effusion.", seed=0, steps=2)
     assert image.shape == (16, 16) and image.dtype == np.uint8 and (image == again).all()
+    # A batch right-pads the shorter report; the decoder's condition must not see the pads.
+    predictor = Predictor(tmp_path)
+    short, long = "moderate right pleural effusion.", "large left pneumothorax. heart size is normal. no effusion."
+    batch = predictor.generate_images([short, long], seed=0, steps=2)
+    assert batch.shape == (2, 16, 16) and (batch == predictor.generate_images([short, long], seed=0, steps=2)).all()
+    assert (batch[0] == predictor.generate_images([short, short], seed=0, steps=2)[0]).all()
