@@ -311,13 +311,21 @@ class Config(_Section):
                              "or set them to false on CPU")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision=fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16 on CPU")
-        self.job_resources()  # the job section's resources agree with the train section
         return self
 
     def job_resources(self) -> dict[str, Any]:
         """The resources one worker pod (one node) asks for: image, nodes, GPUs (count and kind), CPUs
         and memory; the job section's values, or what the train section implies where they are unset.
-        Raises ValueError when the two disagree."""
+
+        Checked where the job section is used (`cxrfm jobs submit --to kubernetes`), not at load time:
+        a local run such as `cxrfm train --set train.use_gpu=true` ignores the job section. Raises a
+        one-line ConfigError when the job and train sections disagree."""
+        try:
+            return self._job_resources()
+        except ValueError as err:
+            raise ConfigError(f"job resources: {err}") from None
+
+    def _job_resources(self) -> dict[str, Any]:
         job, t = self.job, self.train
         per_node = math.ceil(t.num_workers / job.num_nodes)  # Ray Train workers on each node
         if t.use_gpu:

@@ -123,11 +123,22 @@ def test_pretrain_rayjob_requests_eight_nodes_of_eight_gpus(capsys, monkeypatch,
     (["job.gpu_type=h100"], "config key 'job.gpu_type' = 'h100' is not allowed"),
     (["train.use_gpu=false", "train.precision=fp32", "job.gpu_type=null"], "job.gpus_per_node is 8 but train.use_gpu is false"),
 ])
-def test_job_resources_are_validated(overrides, message):
+def test_job_resources_are_validated(overrides, message, capsys, monkeypatch, tmp_path):
+    """Bad or inconsistent job resources stop a submission with a clear error and no traceback."""
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    rc, out, err = run_cli(["jobs", "submit", str(REPO / "jobs" / "pretrain-m4cxr.yaml"), "--to", "kubernetes",
+                            "--dry-run", *sum((["--set", o] for o in overrides), [])], capsys)
+    assert rc == 2 and out == "" and message in err and "Traceback" not in err, err
+
+
+def test_job_resources_do_not_block_local_runs():
+    """The job section describes a cluster; a local override like use_gpu=true on the tiny spec loads,
+    and only a Kubernetes submission of it is refused (its spec asks for 0 GPUs per node)."""
     from cxrfm.config import ConfigError
 
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(REPO / "jobs" / "pretrain-m4cxr.yaml", overrides)
+    cfg = load_config(REPO / "jobs" / "tiny.yaml", ["train.use_gpu=true", "train.precision=bf16"])
+    with pytest.raises(ConfigError, match=re.escape("job.gpus_per_node (0) = 0 GPUs, but train.num_workers is 2")):
+        kube.rayjob_manifests(cfg, REPO / "jobs" / "tiny.yaml")
 
 
 def test_gpu_kinds_agree_across_config_kube_and_plan():
