@@ -140,6 +140,9 @@ class DiffusionConfig(_Section):
     dit_patch_size: int = Field(2, ge=1)
     # Noise schedule and sampling
     num_train_timesteps: int = Field(1000, ge=10)
+    # What the backbone predicts. v (Salimans & Ho 2022) stays well-conditioned at both ends of the cosine
+    # schedule; epsilon-prediction's x0 estimate blows up at its nearly pure-noise end.
+    prediction: Literal["epsilon", "v_prediction"] = "v_prediction"
     sampler: Literal["ddim", "dpm"] = "ddim"
     sample_steps: int = Field(25, ge=1)
     guidance_scale: float = Field(3.0, ge=0)

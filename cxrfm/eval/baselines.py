@@ -4,8 +4,9 @@ A model is only worth its numbers if it beats what needs no model at all:
   report     most-frequent training report (every test study gets it), and nearest-neighbour retrieval
              (the report of the training study whose frontal image is most similar, cosine on 32x32
              pixels standardised per image);
-  vqa        majority answer per question text seen in training (global majority for unseen questions) —
-             the strongest answer a model can give without looking at the image;
+  vqa        the majority training answer ("majority"), and the majority answer per question text seen in
+             training ("question_prior"; global majority for unseen questions) — the strongest answer a
+             model can give without looking at the image;
   grounding  prior box per finding: the mean training box of the phrase's label (relative coordinates,
              scaled to each test image), and the mean of all boxes for labels never seen in training;
   generate   real test images chosen at random (chance), and random test images with the same scored

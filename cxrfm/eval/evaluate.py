@@ -110,7 +110,10 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
             answers = predictor.generate_batch([{"task": "vqa", "images": ims, "text": qa.question} for _, ims, qa in chunk], short)
             for (_, _, qa), a in zip(chunk, answers):
                 truth = normalize_answer(qa.answer)
-                runs = [("", a.text)] + ([("baseline/majority/", base.answer(qa.question))] if base else [])
+                runs = [("", a.text)]
+                if base is not None:
+                    runs += [("baseline/majority/", base.global_answer),
+                             ("baseline/question_prior/", base.answer(qa.question))]
                 for prefix, text in runs:
                     hit = int(normalize_answer(text) == truth)
                     for key in ("all", f"type/{qa.qtype}", "closed" if qa.closed else "open"):
@@ -199,15 +202,16 @@ HEADLINE: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("report CE macro-F1-14", "report/ce14/macro_f1", ("most_frequent", "nn_retrieval")),
     ("report BLEU-4", "report/bleu4", ("most_frequent", "nn_retrieval")),
     ("report ROUGE-L", "report/rougeL", ("most_frequent", "nn_retrieval")),
-    ("VQA exact match", "vqa/exact_match/all", ("majority",)),
-    ("VQA closed", "vqa/exact_match/closed", ("majority",)),
-    ("VQA open", "vqa/exact_match/open", ("majority",)),
+    ("VQA exact match", "vqa/exact_match/all", ("majority", "question_prior")),
+    ("VQA closed", "vqa/exact_match/closed", ("majority", "question_prior")),
+    ("VQA open", "vqa/exact_match/open", ("majority", "question_prior")),
     ("grounding acc@0.5", "grounding/acc@0.5/all", ("prior_box",)),
     ("grounding mIoU", "grounding/miou/all", ("prior_box",)),
     ("generate label agreement", "generate/label_agreement", ("random_image", "random_same_label")),
     ("generate AUROC (macro)", "generate/auroc/macro", ("random_image", "random_same_label")),
 )
-BASELINE_NAMES = ("most_frequent", "nn_retrieval", "majority", "prior_box", "random_image", "random_same_label")
+BASELINE_NAMES = ("most_frequent", "nn_retrieval", "majority", "question_prior", "prior_box", "random_image",
+                  "random_same_label")
 
 
 def beats_baselines(metrics: dict[str, float]) -> dict[str, bool]:

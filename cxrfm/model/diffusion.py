@@ -131,7 +131,7 @@ class DiffusionDecoder(nn.Module):
         schedule = dict(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012) if cfg.latent \
             else dict(beta_schedule="squaredcos_cap_v2")
         with torch.device("cpu"):  # schedule tables stay real CPU tensors even when built on `meta`
-            self.scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type="epsilon",
+            self.scheduler = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, prediction_type=cfg.prediction,
                                            clip_sample=False, **schedule)
 
     # ---- setup ------------------------------------------------------------------------------------
@@ -210,7 +210,7 @@ class DiffusionDecoder(nn.Module):
     # ---- training ---------------------------------------------------------------------------------
     def forward(self, images_uint8: torch.Tensor, cond: torch.Tensor, cond_mask: torch.Tensor,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Noise-prediction MSE (fp32 scalar). images_uint8: (n, S_in, S_in); cond: (n, L, D); cond_mask: (n, L).
+        """Diffusion MSE on the noise or v target (`cfg.prediction`), fp32 scalar. images_uint8: (n, S_in, S_in); cond: (n, L, D); cond_mask: (n, L).
 
         n may be 0 (no report row on this rank in this micro-batch): then one blank image with the null
         condition runs and the result is multiplied by 0, so every trainable parameter still takes part in
@@ -236,8 +236,9 @@ class DiffusionDecoder(nn.Module):
         cond = torch.where(drop[:, None, None], null.to(cond.dtype), cond)
         cond_mask = cond_mask | drop[:, None]  # the null condition attends to all L (identical) slots
 
-        eps = self._denoise(xt, t, cond, cond_mask)
-        loss = F.mse_loss(eps, noise)
+        pred = self._denoise(xt, t, cond, cond_mask)
+        target = noise if self.cfg.prediction == "epsilon" else self.scheduler.get_velocity(x0, noise, t)
+        loss = F.mse_loss(pred, target)
         # Keeps the null embedding in the graph when no sample was dropped (same reason as the n == 0 case).
         loss = loss + 0.0 * null.sum()
         return loss * 0.0 if empty else loss
@@ -251,14 +252,21 @@ class DiffusionDecoder(nn.Module):
     def sampling_scheduler(self):
         """DDIM or DPM-Solver++ over the training schedule; 'trailing' spacing starts from the noisiest step."""
         kind = DDIMScheduler if self.cfg.sampler == "ddim" else DPMSolverMultistepScheduler
-        return kind.from_config(self.scheduler.config, timestep_spacing="trailing")
+        extra = {}
+        if self.vae is None:
+            # Pixel space: x0 lies in [-1, 1], so clip its estimate. Under the cosine schedule's last alpha_bar
+            # (~1e-9) an epsilon model's x0 estimate divides its error by ~5e-5 and saturates every pixel.
+            extra = ({"clip_sample": True, "clip_sample_range": 1.0} if kind is DDIMScheduler
+                     else {"thresholding": True, "sample_max_value": 1.0})
+        return kind.from_config(self.scheduler.config, timestep_spacing="trailing", **extra)
 
     @torch.no_grad()
     def sample(self, cond: torch.Tensor, cond_mask: torch.Tensor, num_steps: int | None = None,
                guidance_scale: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
         """cond: (n, L, D) report hidden states; cond_mask: (n, L) -> (n, S, S) uint8 images.
 
-        Guidance: eps = eps_uncond + w * (eps_cond - eps_uncond); both passes run as one batch of 2n."""
+        Guidance: out = out_uncond + w * (out_cond - out_uncond) on the backbone's prediction (noise or v);
+        both passes run as one batch of 2n."""
         cond, cond_mask = self._clip_text(cond, cond_mask)
         n, length = cond.shape[:2]
         device = self._param().device
@@ -276,9 +284,9 @@ class DiffusionDecoder(nn.Module):
         for t in sched.timesteps:
             x_in = sched.scale_model_input(torch.cat([x, x]) if guided else x, t)
             tt = t.to(device=device, dtype=torch.long).expand(x_in.shape[0])  # (2n,) or (n,)
-            eps = self._denoise(x_in, tt, cond_in, mask_in)
+            out = self._denoise(x_in, tt, cond_in, mask_in)
             if guided:
-                eps_u, eps_c = eps.chunk(2)
-                eps = eps_u + w * (eps_c - eps_u)
-            x = sched.step(eps, t, x, generator=generator, return_dict=False)[0]
+                out_u, out_c = out.chunk(2)
+                out = out_u + w * (out_c - out_u)
+            x = sched.step(out, t, x, generator=generator, return_dict=False)[0]
         return self._from_sample_space(x)

@@ -41,6 +41,7 @@ def test_evaluate_all_tasks_and_log_as_child_run(export, small_shards, tmp_path)
                 "grounding/miou/all", "grounding/acc@0.5/all", "generate/label_agreement",
                 "generate/frechet_classifier_features", "baseline/most_frequent/report/ce14/micro_f1",
                 "baseline/nn_retrieval/report/ce14/micro_f1", "baseline/majority/vqa/exact_match/all",
+                "baseline/question_prior/vqa/exact_match/all",
                 "baseline/prior_box/grounding/acc@0.5/all", "baseline/random_image/generate/label_agreement"):
         assert key in metrics, key
         assert metrics[key] >= 0

@@ -145,8 +145,9 @@ def test_sample_shape_dtype_and_determinism(sampler):
     assert c.shape == a.shape and not torch.equal(a, c)
 
 
-def test_tiny_overfit_reduces_the_loss():
-    model = _decoder(cond_dropout=0.0)
+@pytest.mark.parametrize("prediction", ["epsilon", "v_prediction"])
+def test_tiny_overfit_reduces_the_loss(prediction):
+    model = _decoder(cond_dropout=0.0, prediction=prediction)
     yy, xx = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
     disk = (((yy - 8) ** 2 + (xx - 8) ** 2) < 25).to(torch.uint8) * 220 + 20
     checker = ((yy // 4 + xx // 4) % 2).to(torch.uint8) * 200 + 30
@@ -164,7 +165,7 @@ def test_tiny_overfit_reduces_the_loss():
     before = held_out()
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = _gen(7)
-    for _ in range(25):
+    for _ in range(60):
         loss = model.loss(images, cond, mask, generator=g)
         opt.zero_grad()
         loss.backward()
