@@ -124,10 +124,12 @@ class Converter:
         self.cfg = cfg if cfg is not None else DataConfig()
 
     def scan(self, root: Path, report: BuildReport) -> list[StudyRecord]:
-        raise NotImplementedError
+        # The interface every converter implements (metadata only, no pixels); the base class has no source.
+        raise NotImplementedError(f"{type(self).__name__} must implement scan(root, report)")
 
     def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
-        raise NotImplementedError
+        # The interface every converter implements (pixels for one record).
+        raise NotImplementedError(f"{type(self).__name__} must implement load(record, report)")
 
     def load_batch(self, records: list[StudyRecord], report: BuildReport) -> Iterator[tuple[Study, dict[str, np.ndarray]]]:
         """Studies of one shard; override when loading several at once is cheaper (synthetic phantoms)."""
