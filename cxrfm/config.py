@@ -74,13 +74,18 @@ class DataConfig(_Section):
 
 
 class VisionConfig(_Section):
+    # vit: a ViT (Med-Gemini, M4CXR scale). resnet: a small transformers ResNet (basic blocks), a CNN encoder as
+    # in R2Gen; its inductive bias learns findings from a few thousand images in minutes, where a ViT from
+    # scratch does not (the tiny-learn config).
+    kind: Literal["vit", "resnet"] = "vit"
     image_size: int = Field(64, ge=16)
-    patch_size: int = Field(8, ge=1)
+    patch_size: int = Field(8, ge=1, description="vit: patch side; resnet: the total stride, 4 * 2**len(resnet_widths)")
     channels: int = 1
-    hidden_size: int = Field(96, ge=8)
-    num_layers: int = Field(2, ge=1)
+    hidden_size: int = Field(96, ge=8, description="feature width (resnet: the last stage's)")
+    num_layers: int = Field(2, ge=1, description="vit: transformer layers; resnet: blocks per stage")
     num_heads: int = Field(2, ge=1)
     intermediate_size: int = Field(256, ge=8)
+    resnet_widths: list[int] = Field(default_factory=lambda: [48], description="resnet: widths of the stages before the last")
 
     @model_validator(mode="after")
     def _divisible(self) -> "VisionConfig":
@@ -88,6 +93,13 @@ class VisionConfig(_Section):
             raise ValueError(f"model.vision.image_size ({self.image_size}) must be a multiple of patch_size ({self.patch_size})")
         if self.hidden_size % self.num_heads:
             raise ValueError("model.vision.hidden_size must be a multiple of model.vision.num_heads")
+        if self.kind == "resnet":
+            stride = 4 * 2 ** len(self.resnet_widths)  # stem /4, then /2 per stage after the first
+            if self.patch_size != stride:
+                raise ValueError(f"model.vision.patch_size ({self.patch_size}) must be the ResNet's total stride "
+                                 f"4 * 2**len(resnet_widths) = {stride}; set patch_size: {stride} or change resnet_widths")
+            if any(w < 1 for w in self.resnet_widths):
+                raise ValueError(f"model.vision.resnet_widths ({self.resnet_widths}) must be positive")
         return self
 
 
@@ -203,6 +215,10 @@ class ModelConfig(_Section):
     # Triton interpreter in tests).
     fused_rmsnorm: bool = False
     fused_cross_entropy: bool = False
+    # Auxiliary multi-label loss on the vision encoder: the 14 CheXpert observations of the study, predicted
+    # from each current (non-prior) image's mean patch feature. Gives the encoder a direct signal from the
+    # first step, so the LM has findings to read in its visual tokens early. 0 turns it off.
+    finding_loss_weight: float = Field(0.0, ge=0)
 
 
 class TrainConfig(_Section):

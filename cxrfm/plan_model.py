@@ -253,6 +253,7 @@ def activation_breakdown(cfg: Config, micro_batch: int, checkpointing: bool, ima
     from cxrfm.data.samples import LM_TASKS
     from cxrfm.model.build import default_vocab_size
 
+    _needs_vit(cfg)
     a = _act_bytes(cfg.train.precision)
     m, lm, vis, proj = cfg.model, cfg.model.language, cfg.model.vision, cfg.model.projector
     eager = m.attention == "eager"
@@ -282,6 +283,12 @@ def activation_breakdown(cfg: Config, micro_batch: int, checkpointing: bool, ima
     return {k: int(micro_batch * v) for k, v in parts.items()}
 
 
+def _needs_vit(cfg: Config) -> None:
+    if cfg.model.vision.kind != "vit":
+        raise ValueError(f"the planner models a ViT vision encoder; this config has model.vision.kind="
+                         f"{cfg.model.vision.kind!r} (a CPU-scale encoder). Plan a GPU spec with kind: vit")
+
+
 def activation_bytes(cfg: Config, micro_batch: int, checkpointing: bool, images_per_sample: int = 3,
                      vocab_size: int | None = None) -> int:
     return sum(activation_breakdown(cfg, micro_batch, checkpointing, images_per_sample, vocab_size).values())
@@ -289,6 +296,7 @@ def activation_bytes(cfg: Config, micro_batch: int, checkpointing: bool, images_
 
 def step_flops(cfg: Config, shape: ModelShape, images_per_sample: int, micro_batch: int) -> float:
     """Model FLOPs to train on one micro-batch (forward + backward = 3x forward, no recompute)."""
+    _needs_vit(cfg)
     lm, vis, s = cfg.model.language, cfg.model.vision, cfg.data.max_seq_len
     t = (vis.image_size // vis.patch_size) ** 2 + 1
     lm_flops = 6 * (shape.language - shape.embedding) * s + 6 * lm.num_layers * s * s * lm.hidden_size  # causal

@@ -16,7 +16,7 @@ import numpy as np
 
 from cxrfm.config import Config
 from cxrfm.data.samples import ALL_TASKS, ROLES, SampleSpec, choose_task, decode_image, encode_example
-from cxrfm.data.schema import Study
+from cxrfm.data.schema import CHEXPERT_LABELS, Study
 from cxrfm.data.mixture import mixture_paths
 
 SKIP_REASONS = ("ok", "bad_json", "corrupt_image", "missing_image", "no_task")
@@ -42,6 +42,7 @@ class StudyToExample:
             "attention_mask": np.zeros(L, np.int64),
             "images": np.zeros((len(ROLES), s.image_size, s.image_size), np.uint8),
             "image_present": np.zeros(len(ROLES), bool),
+            "findings": np.full(len(CHEXPERT_LABELS), -1.0, np.float32),
         }, SKIP_REASONS.index(code)
 
     def _one(self, key: str, row: dict, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int, int, bool]:
@@ -70,7 +71,7 @@ class StudyToExample:
         rng = np.random.default_rng([self.seed, self.calls, zlib.crc32("".join(map(str, keys)).encode())])
         self.calls += 1
         columns = {c: batch[c] for c in batch if not c.startswith("__")}
-        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "attention_mask", "images", "image_present")}
+        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "attention_mask", "images", "image_present", "findings")}
         skip, task, trunc = [], [], []
         for i, key in enumerate(keys):
             row = {c: v[i] for c, v in columns.items() if not (isinstance(v[i], float) and math.isnan(v[i]))}

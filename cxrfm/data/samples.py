@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from cxrfm.data.schema import Study
+from cxrfm.data.schema import CHEXPERT_LABELS, Study
 from cxrfm.text.tokenizer import BOS, EOS, IMAGE, PAD, ROLE_TOKENS, TASK_TOKENS, box_to_loc_tokens
 
 ROLES: tuple[str, ...] = ("frontal", "lateral", "prior")
@@ -93,6 +93,15 @@ def prompt_ids(tokenizer, roles: list[str], task: str, prompt: str, num_image_to
     return ids + tokenizer.encode(prompt, add_special_tokens=False)
 
 
+def finding_targets(study: Study) -> np.ndarray:
+    """(14,) float32 in CHEXPERT_LABELS order: 1 positive, 0 negative or not mentioned, -1 ignored (uncertain;
+    or every entry when the study has no labels at all, e.g. a VQA-only corpus)."""
+    if not study.labels:
+        return np.full(len(CHEXPERT_LABELS), -1.0, np.float32)
+    values = [study.labels.get(name, 0) for name in CHEXPERT_LABELS]
+    return np.array([1.0 if v == 1 else (-1.0 if v == -1 else 0.0) for v in values], np.float32)
+
+
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """PNG/JPEG bytes -> (size, size) uint8 grayscale. Raises on corrupt data."""
     with Image.open(io.BytesIO(data)) as im:
@@ -148,5 +157,6 @@ def encode_example(study: Study, task: str, images: dict[str, np.ndarray], token
         "attention_mask": np.array([1] * len(ids) + [0] * pad, dtype=np.int64),
         "images": stack,
         "image_present": present,
+        "findings": finding_targets(study),
     }
     return example, truncated

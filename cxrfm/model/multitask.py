@@ -20,7 +20,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from cxrfm.config import Config, ModelConfig, config_from_dict
-from cxrfm.data.samples import ALL_TASKS, IGNORE, LM_TASKS
+from cxrfm.data.samples import ALL_TASKS, IGNORE, LM_TASKS, ROLES
+from cxrfm.data.schema import CHEXPERT_LABELS
 from cxrfm.model.diffusion import DiffusionDecoder, pack_tokens
 from cxrfm.model.heads import LMHead, swap_rmsnorm
 from cxrfm.model.language import build_language_model
@@ -48,19 +49,25 @@ class MultitaskModel(nn.Module):
         # Text-to-CXR: a diffusion decoder conditioned on the LM's hidden states of the report text.
         self.diffusion = DiffusionDecoder(cfg.diffusion, cfg.language.hidden_size) if cfg.diffusion.enabled else None
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.language.hidden_size)
+        # Auxiliary head: CheXpert observations from pooled patch features (training signal only).
+        self.finding_head = nn.Linear(cfg.vision.hidden_size, len(CHEXPERT_LABELS)) if cfg.finding_loss_weight > 0 else None
 
     def enable_activation_checkpointing(self) -> None:
-        for part in (self.language, self.vision.vit):
+        for part in (self.language, self.vision.backbone):
+            if not getattr(part, "supports_gradient_checkpointing", False):
+                continue
             if hasattr(part, "activation_checkpointing_enable"):  # transformers >= 5.x name
                 part.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
             else:
                 part.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
-    def embed(self, input_ids: torch.Tensor, images: torch.Tensor, image_present: torch.Tensor) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, images: torch.Tensor, image_present: torch.Tensor,
+              patches: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with every `<image>` position replaced by a visual token."""
         emb = self.language.get_input_embeddings()(input_ids)  # (B, T, D)
-        pixels = images[image_present]  # (n, S, S): present images, batch-major then role order
-        visual = self.projector(self.vision(pixels))  # (n, N, D)
+        if patches is None:
+            patches = self.vision(images[image_present])  # (n, P, Dv): present images, batch-major, role order
+        visual = self.projector(patches)  # (n, N, D)
         slots = input_ids == self.image_token_id  # (B, T)
         if int(slots.sum()) != visual.shape[0] * visual.shape[1]:
             raise ValueError(
@@ -69,10 +76,12 @@ class MultitaskModel(nn.Module):
             )
         return emb.masked_scatter(slots.unsqueeze(-1), visual.to(emb.dtype))
 
-    def forward(self, input_ids, attention_mask, images, image_present, labels=None, task=None) -> dict:
+    def forward(self, input_ids, attention_mask, images, image_present, labels=None, task=None, findings=None) -> dict:
         """Without labels: logits (B, T, V). With labels: the mean answer-token loss and, given `task`,
-        per-task loss sums and token counts. Logits are then computed at answer positions only."""
-        embeds = self.embed(input_ids, images, image_present)
+        per-task loss sums and token counts. Logits are then computed at answer positions only.
+        `findings` (B, 14) feeds the auxiliary finding loss when the model has that head."""
+        patches = self.vision(images[image_present])  # (n, P, Dv)
+        embeds = self.embed(input_ids, images, image_present, patches)
         hidden = self.language.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
         if labels is None:
             return {"logits": self.language.lm_head(hidden)}
@@ -92,7 +101,26 @@ class MultitaskModel(nn.Module):
         out["tokens"] = n_tok
         if self.diffusion is not None:
             out["loss"] = out["loss"] + self._generate_loss(hidden, attention_mask, images, task, out)
+        if self.finding_head is not None:
+            out["loss"] = out["loss"] + self._finding_loss(patches, image_present, findings, out)
         return out
+
+    def _finding_loss(self, patches, image_present, findings, out: dict) -> torch.Tensor:
+        """Mean BCE of the study's CheXpert observations from each current image (frontal, lateral; a prior
+        shows an older exam). Entries marked -1 (uncertain, unlabeled) do not count. Runs on every step,
+        with 0 x the head's output when nothing is labeled, so ZeRO-3 ranks gather the head together."""
+        logits = self.finding_head(patches.mean(dim=1)).float()  # (n, 14)
+        if findings is None:
+            findings = logits.new_full((image_present.shape[0], logits.shape[1]), -1.0)
+        rows, roles = image_present.nonzero(as_tuple=True)  # (n,), (n,): same order as the patches
+        target = findings[rows].float()  # (n, 14)
+        keep = (target >= 0) & (roles != ROLES.index("prior")).unsqueeze(1)  # (n, 14)
+        bce = F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none")
+        n = keep.sum()
+        loss = (bce * keep).sum() / n.clamp(min=1)
+        out["loss_sum/findings"] = loss.detach() * n
+        out["tokens/findings"] = n
+        return self.cfg.finding_loss_weight * loss
 
     def _generate_loss(self, hidden, attention_mask, images, task, out: dict) -> torch.Tensor:
         """Diffusion loss of the `generate` rows. Their prompt is text only (no image placeholders), so the

@@ -23,6 +23,7 @@ from cxrfm.data.pipeline import SKIP_REASONS
 from cxrfm.data.samples import ALL_TASKS, LM_TASKS
 
 TAG_PREFIX = "step"
+LOGGED = ALL_TASKS + ("findings",)  # per-task losses, and the auxiliary finding loss
 
 
 def _resume_step(engine, checkpoint) -> int:
@@ -55,7 +56,8 @@ class _Window:
     """Sums over the steps since the last log line, reduced across ranks when logged."""
 
     # tokens/generate counts images (its loss is a per-image diffusion MSE, not a token cross-entropy)
-    KEYS = ([f"loss_sum/{t}" for t in ALL_TASKS] + [f"tokens/{t}" for t in ALL_TASKS]
+    # findings: the auxiliary vision loss (model.finding_loss_weight); its count is labeled observations
+    KEYS = ([f"loss_sum/{t}" for t in LOGGED] + [f"tokens/{t}" for t in LOGGED]
             + ["samples", "truncated", "wait_s", "step_s"] + [f"skipped/{r}" for r in SKIP_REASONS[1:]])
 
     def __init__(self):
@@ -124,11 +126,11 @@ def train_loop_per_worker(config: dict) -> None:
                 window.sums[f"skipped/{SKIP_REASONS[code]}"] += 1
             batch = _to_device(raw, device)
             result = engine(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_present"],
-                            labels=batch["labels"], task=batch["task"])
+                            labels=batch["labels"], task=batch["task"], findings=batch.get("findings"))
             boundary = engine.is_gradient_accumulation_boundary()  # before step() advances the micro-step
             engine.backward(result["loss"])
             engine.step()
-            for name in ALL_TASKS:  # every micro-batch counts, not only the last of an accumulation
+            for name in LOGGED:  # every micro-batch counts, not only the last of an accumulation
                 window.sums[f"loss_sum/{name}"] += float(result.get(f"loss_sum/{name}", 0.0))
                 window.sums[f"tokens/{name}"] += float(result.get(f"tokens/{name}", 0))
             window.sums["samples"] += int((skip == 0).sum())
@@ -145,7 +147,7 @@ def train_loop_per_worker(config: dict) -> None:
                 now = time.perf_counter()
                 elapsed = now - last_log
                 tokens = sum(s[f"tokens/{t}"] for t in LM_TASKS)
-                metrics = {f"loss/{t}": s[f"loss_sum/{t}"] / s[f"tokens/{t}"] for t in ALL_TASKS if s[f"tokens/{t}"] > 0}
+                metrics = {f"loss/{t}": s[f"loss_sum/{t}"] / s[f"tokens/{t}"] for t in LOGGED if s[f"tokens/{t}"] > 0}
                 metrics.update({  # "loss": the answer-token cross-entropy of the language tasks
                     "loss": sum(s[f"loss_sum/{t}"] for t in LM_TASKS) / max(tokens, 1),
                     "lr": scheduler.get_last_lr()[0],

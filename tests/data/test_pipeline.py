@@ -59,3 +59,27 @@ def test_corrupt_rows_are_kept_flagged_and_counted(small_shards, mapper):
     assert codes.count("ok") == 3
     for i in (1, 2, 3):
         assert (out["labels"][i] == IGNORE).all() and not out["image_present"][i].any()
+
+
+def test_finding_targets_follow_the_chexpert_labels(small_shards, mapper):
+    """findings: 1 positive, 0 negative or not mentioned, -1 uncertain; all -1 for studies without labels
+    and for skipped rows (the auxiliary vision loss then ignores them)."""
+    from cxrfm.data.samples import finding_targets
+    from cxrfm.data.schema import CHEXPERT_LABELS, Study
+
+    batch = _raw_batch(small_shards, n=6)
+    batch["json"][2] = b"{not json"
+    out = mapper(batch)
+    assert out["findings"].shape == (6, len(CHEXPERT_LABELS)) and out["findings"].dtype == np.float32
+    assert (out["findings"][2] == -1).all()
+    for i in (0, 1, 3):
+        study = Study.model_validate_json(batch["json"][i])
+        want = [{1: 1.0, -1: -1.0}.get(study.labels.get(name, 0), 0.0) for name in CHEXPERT_LABELS]
+        assert out["findings"][i].tolist() == want
+    study = Study.model_validate_json(batch["json"][0])
+    labeled = study.model_copy(update={"labels": {"Cardiomegaly": 1, "Edema": -1, "Pneumothorax": 0}})
+    t = finding_targets(labeled)
+    idx = CHEXPERT_LABELS.index
+    assert t[idx("Cardiomegaly")] == 1 and t[idx("Edema")] == -1 and t[idx("Pneumothorax")] == 0
+    assert t[idx("Fracture")] == 0  # not mentioned counts as negative
+    assert (finding_targets(study.model_copy(update={"labels": {}})) == -1).all()

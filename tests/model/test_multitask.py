@@ -148,3 +148,40 @@ def test_generate_task_trains_the_decoder_and_the_language_model(small_shards, t
     batch = predictor.generate_images([short, long], seed=0, steps=2)
     assert batch.shape == (2, 16, 16) and (batch == predictor.generate_images([short, long], seed=0, steps=2)).all()
     assert (batch[0] == predictor.generate_images([short, short], seed=0, steps=2)[0]).all()
+
+
+def test_finding_loss_trains_the_vision_encoder_on_current_images_only(batch):
+    """The auxiliary head sees frontal/lateral images with labeled observations; priors and -1 entries
+    do not count, and its gradient reaches the vision encoder."""
+    data, vocab = batch
+    cfg = load_config(None, ["model.finding_loss_weight=0.5"])
+    torch.manual_seed(0)
+    model = build_model(cfg, vocab)
+    present, findings = data["image_present"], data["findings"]
+    out = model(data["input_ids"], data["attention_mask"], data["images"], present,
+                labels=data["labels"], task=data["task"], findings=findings)
+    rows, roles = present.nonzero(as_tuple=True)
+    expected = int(((findings[rows] >= 0) & (roles != 2).unsqueeze(1)).sum())
+    assert expected > 0 and int(out["tokens/findings"]) == expected
+    # untrained logits near 0: BCE near log 2 per counted entry
+    assert abs(float(out["loss_sum/findings"]) / expected - np.log(2)) < 0.3
+    model.zero_grad()
+    (out["loss_sum/findings"].new_tensor(0) + model._finding_loss(
+        model.vision(data["images"][present]), present, findings, {})).backward()
+    assert model.finding_head.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
+    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in model.language.parameters())
+
+
+def test_finding_loss_is_zero_without_labels(batch):
+    data, vocab = batch
+    model = build_model(load_config(None, ["model.finding_loss_weight=1.0"]), vocab)
+    unlabeled = torch.full_like(data["findings"], -1.0)
+    base = build_model(load_config(), vocab)
+    base.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("finding_head")})
+    args = (data["input_ids"], data["attention_mask"], data["images"], data["image_present"])
+    with torch.no_grad():
+        out = model(*args, labels=data["labels"], task=data["task"], findings=unlabeled)
+        ref = base(*args, labels=data["labels"], task=data["task"])
+    assert int(out["tokens/findings"]) == 0
+    torch.testing.assert_close(out["loss"], ref["loss"])
