@@ -151,6 +151,14 @@ class Converter:
             report.skip(f"image_{e.code}", item, e.message)
             return None
 
+    def read_one(self, path: str | Path, record: StudyRecord, report: BuildReport, role: str = "frontal",
+                 view: str = "PA") -> tuple[np.ndarray, ImageRef] | None:
+        """The image of a single-image study and its ImageRef; None (counted by `read`) when unreadable."""
+        img = self.read(path, record.study_id, report)
+        if img is None:
+            return None
+        return img, ImageRef(role=role, key=f"{role}.png", view=view, width=img.shape[1], height=img.shape[0])
+
     def assemble(self, record: StudyRecord, report: BuildReport, views: dict[str, tuple[str | Path, str]],
                  **fields: Any) -> tuple[Study, dict[str, np.ndarray]] | None:
         """Read the images of `views` ({role: (path, view)}) and build the Study with `fields`.
@@ -219,6 +227,16 @@ def link_priors(records: Iterable[StudyRecord], report: BuildReport | None = Non
         for previous, current in zip(recs, recs[1:]):
             current.prior_study_id = previous.study_id
     return by_id
+
+
+def link_prior_views(records: list[StudyRecord], report: BuildReport | None = None,
+                     key: Callable[[StudyRecord], Any] = lambda r: r.study_date) -> None:
+    """link_priors, then give each record whose prior has a frontal that frontal as payload["views"]["prior"]."""
+    by_id = link_priors(records, report, key=key)
+    for rec in records:
+        prior = by_id.get(rec.prior_study_id) if rec.prior_study_id else None
+        if prior is not None and "frontal" in prior.payload["views"]:
+            rec.payload["views"]["prior"] = prior.payload["views"]["frontal"]
 
 
 _NUMERIC = {"1": 1, "1.0": 1, "0": 0, "0.0": 0, "-1": -1, "-1.0": -1, "true": 1, "false": 0,

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrfm.data.schema import GroundedPhrase, ImageRef, Study
+from cxrfm.data.schema import GroundedPhrase, Study
 from cxrfm.data.sources import base
 from cxrfm.data.sources.boxes import fit_box
 from cxrfm.data.sources.splits import keep_patients_in_one_split
@@ -122,10 +122,11 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(p["path"], record.study_id, report)
-        if img is None:
+        read = self.read_one(p["path"], record, report, view=p["view"])
+        if read is None:
             return None
-        height, width = img.shape
+        img, ref = read
+        width, height = ref.width, ref.height
         sx, sy = width / BBOX_FRAME, height / BBOX_FRAME
         grounding = []
         for label, xywh in sorted(p["boxes"].items()):
@@ -140,7 +141,7 @@ class Converter(base.Converter):
         values = {name: int(name in p["findings"]) for name in CHEXPERT_MAP}
         study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
                       license=self.license,
-                      images=[ImageRef(role="frontal", key="frontal.png", view=p["view"], width=width, height=height)],
+                      images=[ref],
                       labels=base.map_to_chexpert(values, CHEXPERT_MAP),
                       source_labels={name: "1" for name in p["findings"]}, grounding=grounding)
         return study, {"frontal": img}

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrfm.data.schema import CHEXPERT_LABELS, Study
-from cxrfm.data.sources.base import (BuildReport, StudyRecord, choose_views, first_present, link_priors,
+from cxrfm.data.sources.base import (BuildReport, StudyRecord, choose_views, first_present, link_prior_views,
                                      map_to_chexpert, normalize_view, parse_report_sections, read_table)
 from cxrfm.data.sources.base import Converter as BaseConverter
 
@@ -142,11 +142,7 @@ class Converter(BaseConverter):
                 "views": {role: list(pv) for role, pv in views.items()}, "sections": sections, "labels": labels,
                 "source_labels": source_labels,
                 "order": int(float(order)) if order else None}))
-        by_id = link_priors(records, report, key=lambda r: r.payload["order"])
-        for rec in records:
-            prior = by_id.get(rec.prior_study_id) if rec.prior_study_id else None
-            if prior is not None and "frontal" in prior.payload["views"]:
-                rec.payload["views"]["prior"] = prior.payload["views"]["frontal"]
+        link_prior_views(records, report, key=lambda r: r.payload["order"])
         return records
 
     def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:

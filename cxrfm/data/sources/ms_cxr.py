@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrfm.data.schema import CHEXPERT_LABELS, GroundedPhrase, ImageRef, Study
+from cxrfm.data.schema import CHEXPERT_LABELS, GroundedPhrase, Study
 from cxrfm.data.sources import base
 from cxrfm.data.sources.boxes import fit_box, scale_xyxy
 from cxrfm.data.sources.splits import keep_patients_in_one_split
@@ -142,10 +142,11 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(Path(p["root"]) / p["path"], record.study_id, report)
-        if img is None:
+        read = self.read_one(Path(p["root"]) / p["path"], record, report, view=p["view"])
+        if read is None:
             return None
-        height, width = img.shape
+        img, ref = read
+        width, height = ref.width, ref.height
         sx, sy = width / p["size"][0], height / p["size"][1]  # annotated size -> stored size
         grounding, labels, source_labels = [], {}, {}
         for ph in p["phrases"]:
@@ -161,6 +162,6 @@ class Converter(base.Converter):
             grounding.append(GroundedPhrase(phrase=ph["phrase"], label=ph["category"], boxes=boxes))
         study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
                       license=self.license, study_date=record.study_date,
-                      images=[ImageRef(role="frontal", key="frontal.png", view=p["view"], width=width, height=height)],
+                      images=[ref],
                       labels=labels, source_labels=source_labels, grounding=grounding)
         return study, {"frontal": img}

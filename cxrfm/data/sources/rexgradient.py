@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrfm.data.schema import Study
-from cxrfm.data.sources.base import (BuildReport, StudyRecord, choose_views, first_present, link_priors,
+from cxrfm.data.sources.base import (BuildReport, StudyRecord, choose_views, first_present, link_prior_views,
                                      normalize_view, read_table, safe_key)
 from cxrfm.data.sources.base import Converter as BaseConverter
 
@@ -127,11 +127,7 @@ class Converter(BaseConverter):
                                        payload={"views": {r: list(pv) for r, pv in views.items()}, "sections": sections,
                                                 "source_labels": {k: first_present(e, [k]) for k in ("PatientSex", "PatientAge")
                                                                   if first_present(e, [k])}}))
-        by_id = link_priors(records, report)
-        for rec in records:
-            prior = by_id.get(rec.prior_study_id) if rec.prior_study_id else None
-            if prior is not None and "frontal" in prior.payload["views"]:
-                rec.payload["views"]["prior"] = prior.payload["views"]["frontal"]
+        link_prior_views(records, report)
         return records
 
     def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:

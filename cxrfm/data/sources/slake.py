@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrfm.data.schema import ImageRef, Study, VQAPair
+from cxrfm.data.schema import Study, VQAPair
 from cxrfm.data.sources import base
 from cxrfm.data.sources.splits import most_held_out
 
@@ -106,10 +106,10 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(p["path"], record.study_id, report)
-        if img is None:
+        read = self.read_one(p["path"], record, report)
+        if read is None:
             return None
-        ref = ImageRef(role="frontal", key="frontal.png", view="PA", width=img.shape[1], height=img.shape[0])
+        img, ref = read
         study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
                       license=self.license, images=[ref],
                       vqa=[VQAPair(question=q["question"], answer=q["answer"], qtype=QTYPES.get(q["content"], "other"),

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrfm.data.schema import GroundedPhrase, ImageRef, Study
+from cxrfm.data.schema import GroundedPhrase, Study
 from cxrfm.data.sources import base
 from cxrfm.data.sources.boxes import consensus_boxes, fit_box
 
@@ -142,10 +142,11 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(p["path"], record.study_id, report)
-        if img is None:
+        read = self.read_one(p["path"], record, report)
+        if read is None:
             return None
-        height, width = img.shape
+        img, ref = read
+        width, height = ref.width, ref.height
         grounding = []
         for cls, boxes in sorted(p["boxes"].items()):
             fitted = [b for b in (fit_box(*xyxy, width, height, report, record.study_id) for xyxy in boxes) if b]
@@ -157,6 +158,6 @@ class Converter(base.Converter):
         values = {name: p["labels"].get(name, 0) for name in CHEXPERT_MAP}
         study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
                       license=self.license,
-                      images=[ImageRef(role="frontal", key="frontal.png", view="PA", width=width, height=height)],
+                      images=[ref],
                       labels=base.map_to_chexpert(values, CHEXPERT_MAP), source_labels=p["votes"], grounding=grounding)
         return study, {"frontal": img}

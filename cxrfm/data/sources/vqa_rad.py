@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrfm.data.schema import ImageRef, Study, VQAPair
+from cxrfm.data.schema import Study, VQAPair
 from cxrfm.data.sources import base
 
 QTYPES = {"PRES": "presence", "ABN": "presence", "POS": "location", "SIZE": "size", "COUNT": "count",
@@ -131,12 +131,12 @@ class Converter(base.Converter):
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        img = self.read(p["path"], record.study_id, report)
-        if img is None:
-            return None
         view = p["view"] or "PA"
         role = "lateral" if view in ("LATERAL", "LL") else "frontal"
-        ref = ImageRef(role=role, key=f"{role}.png", view=view, width=img.shape[1], height=img.shape[0])
+        read = self.read_one(p["path"], record, report, role=role, view=view)
+        if read is None:
+            return None
+        img, ref = read
         study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
                       license=self.license, images=[ref],
                       vqa=[VQAPair(question=q["question"], answer=q["answer"], qtype=qtype_of(q["qtype"]),
