@@ -206,7 +206,7 @@ def summary(res: TrainResult) -> str:
         first, last = h[0], h[-1]
         for key in sorted(k for k in last if k.startswith("loss")):
             if key in first:
-                lines.append(f"{key:<14}{first[key]:.3f} (step {first['step']}) -> {last[key]:.3f} (step {last['step']})")
+                lines.append(f"{key:<13} {first[key]:.3f} (step {first['step']}) -> {last[key]:.3f} (step {last['step']})")
         lines.append(f"samples/s     {sum(m['samples_per_s'] for m in h) / len(h):.1f} (mean of log windows)")
         lines.append(f"data wait     {sum(m['data_wait_fraction'] for m in h) / len(h):.1%} of step time")
     skipped = res.metrics.get("skipped", {})

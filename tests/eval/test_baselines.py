@@ -72,3 +72,8 @@ def test_comparison_table_and_verdicts():
     assert wins == {"report CE micro-F1-14": False, "VQA exact match": True}
     table = format_comparison(metrics)
     assert "report CE micro-F1-14" in table and "NO" in table and "yes" in table
+    # The same-label real images are a ceiling: shown, never part of the verdict.
+    gen = {"generate/label_agreement": 0.8, "baseline/random_image/generate/label_agreement": 0.74,
+           "baseline/random_same_label/generate/label_agreement": 0.93}
+    assert beats_baselines(gen) == {"generate label agreement": True}
+    assert "[random_same_label]" in format_comparison(gen)
