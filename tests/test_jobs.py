@@ -20,9 +20,8 @@ from cxrfm.config import load_config
 from cxrfm.jobs import add_jobs_parser
 
 REPO = Path(__file__).resolve().parent.parent
-CRDS = REPO.parent / "shared" / "kuberay-crds" / "v1.7.0"
+CRDS = REPO / "tests" / "helm" / "crds" / "v1.7.0"  # vendored KubeRay CRDs: see its README.md
 SPECS = ["tiny.yaml", "pretrain-m4cxr.yaml", "finetune.yaml", "eval.yaml"]
-needs_crds = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay CRDs not found at {CRDS} (shared/ beside the clone)")
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -36,7 +35,6 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 # ---- manifests ------------------------------------------------------------------------------------
 
-@needs_crds
 @pytest.mark.parametrize("spec", SPECS)
 def test_rayjob_manifests_validate(spec):
     import kubernetes_validate
@@ -69,7 +67,6 @@ def test_rayjob_manifests_validate(spec):
         assert "nvidia.com/gpu" not in limits and job["gpus_per_node"] == 0
 
 
-@needs_crds
 def test_pretrain_rayjob_requests_eight_nodes_of_eight_gpus(capsys, monkeypatch, tmp_path):
     """The M4CXR pretraining spec through `--dry-run`: 8 worker pods of 8 H100s each, the spec's image
     and memory, and a RayJob the KubeRay CRD schema accepts."""
@@ -100,6 +97,32 @@ def test_pretrain_rayjob_requests_eight_nodes_of_eight_gpus(capsys, monkeypatch,
     (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     assert group["template"]["spec"]["containers"][0]["image"] == "registry.example/cxrfm:dev"
     assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["memory"] == "1500Gi"
+
+
+@pytest.mark.parametrize("spec", SPECS + ["tiny-learn.yaml"])
+def test_rayjob_workers_request_the_specs_gpus(spec):
+    """Needs no schema file, so it always runs: each worker pod requests and is limited to exactly the
+    spec's GPUs per node (the GPU kind pinned by node selector and tolerated taint); the head has none;
+    CPU-only specs ask for no GPU at all."""
+    path = REPO / "jobs" / spec
+    overrides = [] if spec == "eval.yaml" else ["train.max_steps=7"]
+    _, rayjob = kube.rayjob_manifests(load_config(path, overrides), path, overrides, namespace="ml")
+    job = yaml.safe_load(path.read_text())["job"]
+    cluster = rayjob["spec"]["rayClusterSpec"]
+    (group,) = cluster["workerGroupSpecs"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == job["num_nodes"]
+    pod = group["template"]["spec"]
+    (worker,) = pod["containers"]
+    want = {"cpu": str(job["cpus_per_node"]), "memory": job["memory_per_node"]}
+    if job["gpus_per_node"]:
+        want["nvidia.com/gpu"] = str(job["gpus_per_node"])
+        assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": kube.GPU_PRODUCTS[job["gpu_type"]]}
+    else:
+        assert "tolerations" not in pod and "nodeSelector" not in pod
+    assert worker["resources"] == {"requests": want, "limits": want}
+    head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]["resources"]
+    assert "nvidia.com/gpu" not in head["requests"] and "nvidia.com/gpu" not in head["limits"]
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -135,7 +158,6 @@ def test_gpu_kinds_agree_across_config_kube_and_plan():
     assert set(GPU_TYPES) == set(kube.GPU_PRODUCTS) == set(GPUS)
 
 
-@needs_crds
 def test_validator_rejects_bad_rayjob():
     path = REPO / "jobs" / "tiny.yaml"
     _, rayjob = kube.rayjob_manifests(load_config(path), path)
