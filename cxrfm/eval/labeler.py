@@ -24,6 +24,20 @@ Conventions (each a choice; tests/eval/labeler_sentences.py pins them):
   (pulled back) is still present; "no new X" is negative (CheXpert: uncertain);
 - "stable cardiomediastinal silhouette" is not a mention (CheXpert: uncertain), it says nothing of size;
 - an empty text is "No Finding" 1, as in CheXpert.
+- "no A, large B, or C" and "differential includes A, B, or C": a list closed by "or"/"nor" is one
+  phrase, so the cue before it governs every item (CheXpert's negation and uncertainty follow the
+  conjuncts of the word they attach to); a list without "or" ("no pneumothorax, small effusion") ends
+  the scope at the described item;
+- a past process is not active disease: "old" / "healed" / "remote" fractures, "sequela of", "changes
+  of / scarring from prior infection" are 0; "resolving X" is -1 (still there or not is not said);
+  "residual X" is a present finding (1);
+- a broken device ("catheter fracture", "fractured sternal wire") is Support Devices, not Fracture;
+- Support Devices is any hardware in or on the patient: tubes, lines, catheters, pacers and leads,
+  valve prostheses, clips, wires (sternotomy), closure devices, a bare "device";
+- "upper limits of normal (or mildly enlarged)" heart or cardiomediastinal silhouette is -1, as
+  CheXpert reads "borderline"; "pulmonary vascularity within normal limits" is not an edema mention.
+These conventions are the truth of tests/eval/labeler_sentences.py (REAL_PROSE: one group per
+failure class found on real reports). `cxrfm labeler score CSV` scores the rules on your own reports.
 """
 
 from __future__ import annotations
@@ -39,6 +53,7 @@ from cxrfm.eval import labeler_rules as R
 NON_PATHOLOGY = ("No Finding", "Support Devices")
 _PRIORITY = {1: 3, -1: 2, 0: 1}  # positive > uncertain > negative when mentions of one label disagree
 _WORD = re.compile(r"[a-z0-9]+")
+_OR_LIST = re.compile(R.OR_LIST)
 _STOPS = {R.NEG: re.compile(R.FWD_NEG_STOP), R.UNC: re.compile(R.FWD_UNC_STOP), R.BWD: re.compile(R.BWD_STOP)}
 
 
@@ -96,6 +111,14 @@ class _Sentence:
         self.text = text
         self.word_starts = [m.start() for m in _WORD.finditer(text)]
         self.boundaries = [m.start() for m in re.finditer(R.CLAUSE_BOUNDARY, text)]
+        self._lists: list[tuple[int, int, int]] | None = None
+
+    def or_list(self, mention: Mention) -> tuple[int, int, int] | None:
+        """(start, end, end of the first item) of an "A, B, or C" list holding the mention, else None."""
+        if self._lists is None:
+            self._lists = [(m.start(), m.end(), m.start("sep")) for m in _OR_LIST.finditer(self.text)
+                           if re.search(r"\b(?:or|nor|and/or)\b", m.group(0))]
+        return next(((s, e, f) for s, e, f in self._lists if s <= mention.start and mention.end <= e), None)
 
     def words(self, lo: int, hi: int) -> int:
         return bisect_left(self.word_starts, hi) - bisect_left(self.word_starts, lo)
@@ -128,7 +151,14 @@ def _in_scope(trigger, span: tuple[int, int], mention: Mention, sent: _Sentence)
             return False
         lo, hi = mention.end, t0
         stop = _STOPS[R.BWD]
-    if sent.words(lo, hi) > trigger.reach or sent.crosses_boundary(lo, hi):
+    if sent.crosses_boundary(lo, hi):
+        return False
+    if trigger.direction == R.FWD and trigger.kind in (R.NEG, R.UNC):
+        listed = sent.or_list(mention)
+        if listed is not None and t1 <= listed[2]:  # the cue governs the list's first item, so all of it
+            lo, hi = min(t1, listed[0]), listed[0]
+            return sent.words(lo, hi) <= trigger.reach and stop.search(sent.text, lo, hi) is None
+    if sent.words(lo, hi) > trigger.reach:
         return False
     return stop.search(sent.text, lo, hi) is None
 

@@ -31,7 +31,7 @@ FWD, BWD = "forward", "backward"
 
 HEART = r"\b(?:heart|cardiac (?:silhouette|size|shadow|contours?))(?: size)?"
 # "heart size and mediastinal contours are ...": the subject may be coordinated before its verb.
-COORD = r"(?: (?:and|,) [a-z ,]{0,30}?)?"
+COORD = r"(?:(?: and|,) [a-z ,]{0,50}?)?"
 COPULA = r"(?: (?:is|are|appears?|remains?|again appears|is again))?"
 NORMAL = r"(?:normal|within normal limits|unremarkable)"
 MEDIASTINUM = r"\bmediastin(?:um|al (?:silhouette|contours?|width|configuration))"
@@ -49,8 +49,18 @@ DEVICES = "|".join(
         r"\b(?:lines?|tubes?) (?:and|or|and/or) (?:lines?|tubes?)\b|\b(?:support|monitoring|medical) devices?\b",
         r"\bdrains?\b|\bstents?\b|\bintra-aortic balloon pump\b|\biabp\b|\blvad\b|\bimpella\b|\becmo\b",
         r"\bcannulas?\b|\bprosthetic (?:aortic |mitral )?valves?\b|\bvalve replacements?\b",
+        # everything else a report names as hardware in or on the patient
+        r"\bvalve (?:prosthes[ie]s|repair)\b|\bannuloplasty ring\b|\btavr\b|\btavi\b",
+        r"\b(?:surgical |vascular |cholecystectomy |embolization |aneurysm )?clips?\b",
+        r"\b(?:ecg|ekg|monitor|monitoring|telemetry|pacer|pacing|pacemaker|icd|epicardial|atrial|ventricular"
+        r"|transvenous|defibrillator) leads?\b|\bleads\b(?! to\b)",
+        r"\b(?:sternotomy|sternal|cerclage|guide|epicardial pacing) ?wires?\b|\bwires?\b",
+        r"\bdevices?\b|\bloop recorders?\b|\bneurostimulators?\b|\bspinal (?:cord )?stimulators?\b",
     ]
 )
+
+# Hardware whose own "fracture" is not a bone fracture.
+_HARDWARE = ("catheter", "wire", "lead", "line", "tube", "stent", "device", "hardware", "clip", "port", "filter")
 
 MENTIONS: list[tuple[tuple[str, ...], str, int]] = [
     # -- pleura. A pericardial effusion is not a pleural one.
@@ -93,8 +103,10 @@ MENTIONS: list[tuple[tuple[str, ...], str, int]] = [
     # Congestion and interstitial prominence come before (or without) edema: uncertain, as in CheXpert.
     (
         ("Edema",),
-        r"\b(?:(?:pulmonary )?(?:vascular|venous) )?(?:congestion|engorgement)\b|\bvascular prominence\b"
-        r"|\bcephalization\b|\binterstitial prominence\b|\bvascular indistinctness\b",
+        r"(?:\b(?:(?:pulmonary )?(?:vascular|venous) )?(?:congestion|engorgement)\b|\bvascular prominence\b"
+        r"|\bcephalization\b|\binterstitial prominence\b|\bvascular indistinctness\b)"
+        # "... and pulmonary vascular engorgement within normal limits" states the vessels are normal
+        r"(?!(?: (?:is|are|appears?|remains?))?(?: \w+)? (?:within normal limits|normal)\b)",
         -1,
     ),
     (("Atelectasis",), r"\batelecta\w*|\bcollapsed?\b|\bvolume loss\b", 1),
@@ -126,6 +138,11 @@ MENTIONS: list[tuple[tuple[str, ...], str, int]] = [
     ),
     (
         ("Cardiomegaly", "Enlarged Cardiomediastinum"),
+        CARDIOMEDIASTINAL + COPULA + r"(?: \w+)? (?P<m>borderline|top[- ]normal|(?:at )?(?:the )?upper limits? of normal)",
+        -1,
+    ),
+    (
+        ("Cardiomegaly", "Enlarged Cardiomediastinum"),
         r"\bnormal cardiomediastinal\b|" + CARDIOMEDIASTINAL + COORD + COPULA + r"(?: \w+)? " + NORMAL,
         0,
     ),
@@ -143,7 +160,13 @@ MENTIONS: list[tuple[tuple[str, ...], str, int]] = [
         0,
     ),
     # -- bones and devices
-    (("Fracture",), r"\bfractur\w*|\bfx\b", 1),
+    # A broken device ("catheter fracture", "fractured sternal wire") is a device, not a bone fracture.
+    (
+        ("Fracture",),
+        "".join(f"(?<!{d} )" for d in _HARDWARE) + r"\bfractur\w*\b(?!(?: of)?(?: the| a| an)?(?: [a-z-]+){0,3} "
+        + f"(?:{'|'.join(_HARDWARE)})s?\\b)" + r"|\bfx\b",
+        1,
+    ),
     (
         ("Fracture",),
         r"\bno (?:acute |displaced |definite |focal )*(?:osseous|bony|skeletal|rib)"
@@ -191,7 +214,11 @@ TRIGGERS: list[Trigger] = [
     Trigger(NEG, r"\bwithout\b", FWD, 8),
     # "resolved X" as an adjective only: in "X has resolved and a small Y persists" Y is still there.
     Trigger(NEG, r"\bresolution of\b|\bremoval of\b|" + _NOT_AFTER_VERB + r"\b(?:resolved|removed)\b", FWD, 5),
-    Trigger(NEG, r"\bnot\b", FWD, 2),  # "heart is not enlarged", "mediastinum is not widened"
+    Trigger(NEG, r"\bnot\b", FWD, 2),
+    # -- a past process is not active disease: "old healed rib fractures", "remote clavicle fracture",
+    # "changes of prior infection", "sequelae of old granulomatous disease" (value 0, like a negation).
+    Trigger(NEG, r"\b(?:old|healed|remote)\b|\bsequelae? of\b", FWD, 3),
+    Trigger(NEG, r"\b(?:of|from|related to|due to|secondary to) (?:a |an |the )?(?:prior|previous|past)\b", FWD, 3),  # "heart is not enlarged", "mediastinum is not widened"
     # -- negation after its target: "X is not seen", "X has resolved", "X has been removed" (not
     # "withdrawn" / "pulled back": a line pulled back by 2 cm is still there)
     Trigger(
@@ -221,7 +248,11 @@ TRIGGERS: list[Trigger] = [
         r"|\brule out\b|\br/o\b|\bmaybe\b|\bperhaps\b|\bcorrelat\w* (?:clinically )?for\b",
         FWD,
     ),
-    Trigger(UNC, r"\bconsider(?:ed)?\b", FWD, 2),  # "consider pneumonia", not "consider CT of the nodule"
+    Trigger(UNC, r"\bconsider(?:ed)?\b", FWD, 2),
+    # "resolving pneumonia", "the pneumonia is resolving": on its way out; whether it is still there is
+    # not stated, so uncertain.
+    Trigger(UNC, r"\bresolving\b", FWD, 4),
+    Trigger(UNC, r"\b(?:is|are) (?:\w+ )?resolving\b", BWD, 10),  # "consider pneumonia", not "consider CT of the nodule"
     Trigger(
         UNC,
         r"\b(?:is|are) (?:\w+ )?(?:suspected|questioned|favou?red)\b"
@@ -270,6 +301,15 @@ FWD_UNC_STOP = r"\b(?:ct|imaging|follow-?up|recommend\w*|radiograph)\b|" + NEW_I
 # Backward scope stops at a verb too: in "the heart is enlarged and the effusion has resolved" only the
 # effusion resolved.
 BWD_STOP = r"\b(?:is|are|was|were|has|have|had)\b|,\s*and\b"
+
+# "no A, large B, or C" / "differential includes A, early B, or C": a list closed by "or" (or "nor") is
+# governed as a whole by a cue that governs its first item, although a comma and an adjective would
+# otherwise end the scope (NEW_ITEM) and a long list outruns a cue's reach. Items are up to four words
+# and hold no verb, so a new statement after the list is not swallowed.
+_ITEM = (r"(?:(?!(?:is|are|was|were|be|been|has|have|had|there|with|but|however|and|which|includ\w*|represents?"
+         r"|reflects?|may|might|could|would|can)\b)[a-z/-]+)")
+_ITEMS = rf"{_ITEM}(?: {_ITEM}){{0,3}}"
+OR_LIST = rf"(?<![a-z/-]){_ITEMS}(?P<sep> ?,| or| nor| and/or)(?: ?{_ITEMS} ?,)*(?: or| nor| and/or)? {_ITEMS}\b"
 
 ALTERNATIVE = r"\b(?:or|and/or|versus|vs)\b"
 ALTERNATIVE_REACH = 1  # words between an alternative word and the mentions on each side
