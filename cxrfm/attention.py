@@ -24,18 +24,16 @@ kwargs or from `position_ids` that restart (batch of one), so one sequence never
 from __future__ import annotations
 
 import importlib.util
-import logging
 import os
 
 import torch
 
-logger = logging.getLogger(__name__)
-
 TRITON_ATTN = "cxrfm_triton"
 XFORMERS_ATTN = "cxrfm_xformers"
 BACKENDS = ("triton", "flash_attn", "xformers", "sdpa", "eager")
-_IMPL = {"triton": TRITON_ATTN, "flash_attn": "flash_attention_2", "xformers": XFORMERS_ATTN,
-         "sdpa": "sdpa", "eager": "eager"}
+# config name -> the attn_implementation name transformers knows it by
+IMPLEMENTATIONS = {"triton": TRITON_ATTN, "flash_attn": "flash_attention_2", "xformers": XFORMERS_ATTN,
+                   "sdpa": "sdpa", "eager": "eager"}
 _PACKAGE = {"triton": "triton", "flash_attn": "flash-attn", "xformers": "xformers"}
 _MODULE = {"triton": "triton", "flash_attn": "flash_attn", "xformers": "xformers"}
 
@@ -48,11 +46,35 @@ def _installed(backend: str) -> bool:
     return importlib.util.find_spec(_MODULE[backend]) is not None
 
 
-def _interpret() -> bool:
+def triton_interpreter() -> bool:
+    """TRITON_INTERPRET=1: Triton kernels run on the CPU through the (slow) interpreter. The one place
+    cxrfm reads it; it must be set before triton is imported."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _why_not(backend: str, device: str, head_dim: int | None) -> str | None:
+def triton_runs_on(device: str) -> str | None:
+    """None if our Triton kernels can run on `device` in this process, else why not."""
+    if not _installed("triton"):
+        return "package 'triton' is not installed (pip install triton)"
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return None
+    if triton_interpreter():
+        return None
+    return f"it needs a CUDA GPU and this process runs on {device} (TRITON_INTERPRET=1 runs it slowly on the CPU, for testing)"
+
+
+def backend_name(impl: str) -> str:
+    """transformers attn_implementation name -> our config name ("cxrfm_triton" -> "triton")."""
+    return {v: k for k, v in IMPLEMENTATIONS.items()}.get(impl, impl)
+
+
+def _dims(head_dim: int | tuple[int, ...] | list[int] | None) -> tuple[int, ...]:
+    if head_dim is None:
+        return ()
+    return (head_dim,) if isinstance(head_dim, int) else tuple(head_dim)
+
+
+def _why_not(backend: str, device: str, head_dim) -> str | None:
     """None if `backend` can run on `device`, else the reason it cannot (with what to install)."""
     if backend in ("sdpa", "eager"):
         return None
@@ -60,22 +82,25 @@ def _why_not(backend: str, device: str, head_dim: int | None) -> str | None:
         return f"package {_PACKAGE[backend]!r} is not installed (pip install {_PACKAGE[backend]})"
     cuda = device.startswith("cuda") and torch.cuda.is_available()
     if backend == "triton":
-        if not cuda and not _interpret():
-            return "it needs a CUDA GPU (or TRITON_INTERPRET=1, the slow Triton interpreter, for testing)"
+        reason = triton_runs_on(device)
+        if reason is not None:
+            return reason
         from cxrfm.kernels import SUPPORTED_HEAD_DIMS
 
-        if head_dim is not None and head_dim not in SUPPORTED_HEAD_DIMS:
-            return f"it supports head dims {SUPPORTED_HEAD_DIMS}, not {head_dim}"
+        bad = [d for d in _dims(head_dim) if d not in SUPPORTED_HEAD_DIMS]
+        if bad:
+            return f"it supports head dims {SUPPORTED_HEAD_DIMS}, not {bad[0]} (model head dims: {_dims(head_dim)})"
         return None
     if not cuda:
         return "it needs a CUDA GPU"
     return None
 
 
-def resolve_backend(requested: str, device: str, head_dim: int | None = None) -> tuple[str, str]:
+def resolve_backend(requested: str, device: str, head_dim: int | tuple[int, ...] | None = None) -> tuple[str, str]:
     """Map config `model.attention` to a transformers attn_implementation name plus the reason for it.
 
-    requested: "auto" or one of BACKENDS; device: where the model runs ("cuda", "cuda:1", "cpu").
+    requested: "auto" or one of BACKENDS; device: where the model runs ("cuda", "cuda:1", "cpu") — call it
+    in that process (cxrfm.model.runtime does); head_dim: the head dim(s) of every attention that will use it.
     Registers our backends with transformers so the returned name can be passed to from_pretrained/from_config.
     """
     requested = (requested or "auto").lower()
@@ -87,7 +112,7 @@ def resolve_backend(requested: str, device: str, head_dim: int | None = None) ->
         reason = _why_not(requested, device, head_dim)
         if reason is not None:
             raise AttentionBackendError(f"attention backend {requested!r} was requested but cannot run: {reason}")
-        choice = (_IMPL[requested], f"{requested!r} as configured, on {device}")
+        choice = (IMPLEMENTATIONS[requested], f"{requested!r} as configured, on {device}")
     else:
         if not (device.startswith("cuda") and torch.cuda.is_available()):
             # never pick the interpreter automatically: it exists for tests and is orders of magnitude slower
@@ -98,7 +123,6 @@ def resolve_backend(requested: str, device: str, head_dim: int | None = None) ->
             choice = (TRITON_ATTN, f"auto: Triton flash attention on {device}")
         else:
             choice = ("sdpa", f"auto: sdpa, because the triton backend cannot run here: {reason}")
-    logger.info("attention backend %s (%s)", *choice)
     return choice
 
 

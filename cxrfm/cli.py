@@ -69,8 +69,28 @@ def cmd_model_summary(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predictor(args: argparse.Namespace):
+    """The export loaded for this process's device; says on stderr what it runs (attention, device, dtype)."""
+    from cxrfm.model.generate import Predictor
+
+    predictor = Predictor(args.checkpoint, device=args.device, attention=args.attention, dtype=args.dtype)
+    rt = predictor.runtime
+    print(f"model: attention {rt.attention} ({rt.attention_reason}); {rt.device} {rt.dtype}", file=sys.stderr)
+    return predictor
+
+
+def _add_runtime_args(p: argparse.ArgumentParser) -> None:
+    from cxrfm.attention import BACKENDS
+
+    p.add_argument("--device", default="auto", help="auto (this machine's GPU if any, else cpu), cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="weights' dtype (auto: bf16 on a GPU, fp32 on the CPU)")
+    p.add_argument("--attention", choices=["auto", *BACKENDS],
+                   help="attention backend (default: the export's model.attention where it can run here)")
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    from cxrfm.model.generate import GenerationOptions, Predictor, draw_boxes, load_image
+    from cxrfm.model.generate import GenerationOptions, draw_boxes, load_image
 
     if not args.image:
         raise ConfigError("give at least one --image (the first is the frontal view, a second one the lateral)")
@@ -85,7 +105,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise ConfigError("--task grounding needs --phrase")
     opts = GenerationOptions(max_new_tokens=args.max_new_tokens, num_beams=args.num_beams, do_sample=args.sample,
                              temperature=args.temperature, top_p=args.top_p, seed=args.seed)
-    predictor = Predictor(args.checkpoint, device=args.device)
+    predictor = _predictor(args)
     if args.task == "report":
         answer = predictor.report(images, args.indication or "", opts)
     elif args.task == "vqa":
@@ -119,7 +139,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         tasks.remove("generate")
         print("note: generate is not scored without --classifier (train one: cxrfm classifier train SHARDS --out clf.pt)")
     metrics = evaluate(export, shards, args.split, tasks, args.limit, args.batch_size, args.device,
-                       classifier=args.classifier, image_steps=args.image_steps, baselines=not args.no_baselines)
+                       classifier=args.classifier, image_steps=args.image_steps, baselines=not args.no_baselines,
+                       predictor=_predictor(args))
     print(format_table(metrics))
     if not args.no_baselines:
         print(format_comparison(metrics))
@@ -133,9 +154,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_generate_image(args: argparse.Namespace) -> int:
     from PIL import Image
 
-    from cxrfm.model.generate import Predictor
-
-    predictor = Predictor(args.checkpoint, device=args.device)
+    predictor = _predictor(args)
     image = predictor.generate_image(args.text, seed=args.seed, steps=args.steps, guidance=args.guidance)
     Image.fromarray(image).save(args.out)
     print(f"wrote {args.out} ({image.shape[1]}x{image.shape[0]}, seed {args.seed})")
@@ -152,7 +171,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
 
 # Command groups that live in their own modules: "module:function(subparsers)".
 COMMAND_GROUPS = ("cxrfm.jobs:add_jobs_parser", "cxrfm.plan:add_plan_parser", "cxrfm.bench:add_bench_parser",
-                  "cxrfm.serving.cli:add_serve_parser")
+                  "cxrfm.serving.cli:add_serve_parser", "cxrfm.eval.labeler_score:add_labeler_parser")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,7 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int)
-    p.add_argument("--device", default="cpu")
+    _add_runtime_args(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("generate-image", help="text-to-CXR with the diffusion decoder of an export")
@@ -208,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, help="sampling steps (default: model.diffusion.sample_steps)")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (default: model.diffusion.guidance_scale)")
-    p.add_argument("--device", default="cpu")
+    _add_runtime_args(p)
     p.set_defaults(func=cmd_generate_image)
 
     p = sub.add_parser("eval", help="evaluate an export on a split: NLG + clinical, VQA, grounding metrics")
@@ -220,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-steps", type=int, help="diffusion sampling steps for the generate task")
     p.add_argument("--limit", type=int, help="evaluate the first N studies only")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--device", default="cpu")
+    _add_runtime_args(p)
     p.add_argument("--no-mlflow", action="store_true")
     p.add_argument("--no-baselines", action="store_true", help="skip the same-run baselines (faster)")
     p.add_argument("--json", help="also write every metric to this JSON file")

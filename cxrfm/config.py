@@ -241,6 +241,8 @@ class TrainConfig(_Section):
     keep_last: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
     output_dir: str = "runs/tiny"
+    # Extra environment of every Ray Train worker (NCCL_* settings, TRITON_INTERPRET=1 for CPU tests, ...).
+    worker_env: dict[str, str] = Field(default_factory=dict)
 
 
 class DeepSpeedConfig(_Section):
@@ -325,7 +327,8 @@ class Config(_Section):
         m = self.model
         if self.data.tasks.get("generate", 0) > 0 and not m.diffusion.enabled:
             raise ValueError("data.tasks has 'generate' but model.diffusion.enabled is false; enable the decoder or drop the task")
-        if (m.fused_rmsnorm or m.fused_cross_entropy) and not self.train.use_gpu and os.environ.get("TRITON_INTERPRET") != "1":
+        interpret = "1" in (os.environ.get("TRITON_INTERPRET"), self.train.worker_env.get("TRITON_INTERPRET"))
+        if (m.fused_rmsnorm or m.fused_cross_entropy) and not self.train.use_gpu and not interpret:
             raise ValueError("model.fused_rmsnorm / model.fused_cross_entropy are Triton GPU kernels: set train.use_gpu=true, "
                              "or set them to false on CPU")
         if self.train.precision == "fp16" and not self.train.use_gpu:

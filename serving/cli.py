@@ -47,7 +47,7 @@ def build_untrained_export(out: str | Path, overrides: list[str] | None = None) 
     tok = train_tokenizer(sentences, vocab_size=300)
     cfg = load_config(None, overrides or [])
     torch.manual_seed(0)
-    model = build_model(cfg, len(tok))
+    model = build_model(cfg, len(tok), device="cpu")  # written to disk, loaded wherever it is served
     model.save_pretrained(out, full_config=cfg, tokenizer=tok)
     return out
 

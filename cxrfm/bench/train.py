@@ -74,20 +74,19 @@ def _flops_per_step(model, cfg, batch: int) -> float:
 
 
 def _run_variant(base, backend: str, fused: bool, args, device) -> dict:
-    from cxrfm.attention import AttentionBackendError, register_backends, resolve_backend
+    from cxrfm.attention import AttentionBackendError
     from cxrfm.model.build import build_model
 
     cfg = base.model_copy(deep=True)
     cfg.model.attention = backend
     cfg.model.fused_rmsnorm = cfg.model.fused_cross_entropy = fused
-    try:
-        impl, _ = resolve_backend(backend, device.type, cfg.model.language.hidden_size // cfg.model.language.num_heads)
-    except AttentionBackendError as e:
-        return {"skipped": str(e).splitlines()[0]}
-    register_backends()
     torch.manual_seed(0)
     dtype = torch.bfloat16 if cfg.train.precision == "bf16" else torch.float32
-    model = build_model(cfg, cfg.model.language.vocab_size, device=device, attn_implementation=impl).to(dtype)
+    try:  # the same entry point as training: attention and kernels resolved for this device
+        model = build_model(cfg, cfg.model.language.vocab_size, device=device, dtype=dtype)
+    except AttentionBackendError as e:
+        return {"skipped": str(e).splitlines()[0]}
+    impl = model.runtime.attn_implementation
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     data = _batch(cfg, cfg.model.language.vocab_size, args.batch, device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)

@@ -69,12 +69,13 @@ def _batched(items: list, size: int) -> Iterator[list]:
 
 
 def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", tasks=EVAL_TASKS,
-             limit: int | None = None, batch_size: int = 16, device: str = "cpu",
+             limit: int | None = None, batch_size: int = 16, device: str = "auto",
              options: GenerationOptions | None = None, classifier: str | Path | None = None,
-             image_steps: int | None = None, baselines: bool = True) -> dict[str, float]:
+             image_steps: int | None = None, baselines: bool = True, predictor: Predictor | None = None) -> dict[str, float]:
     """Model metrics under `<task>/...`; with `baselines`, the same metrics of every baseline (fitted on the
-    train split of the same shards) under `baseline/<name>/<task>/...`."""
-    predictor = Predictor(export_dir, device=device)
+    train split of the same shards) under `baseline/<name>/<task>/...`. predictor: the export already loaded
+    (with its attention backend / dtype); else it is loaded here on `device`."""
+    predictor = predictor or Predictor(export_dir, device=device)
     options = options or GenerationOptions(max_new_tokens=160)
     studies = list(iter_split(shards, split, limit))
     if not studies:

@@ -58,12 +58,16 @@ def load_image(data: bytes | str | Path | np.ndarray, what: str = "image") -> np
 class Predictor:
     """An exported model and its tokenizer, ready to answer. No Ray or DeepSpeed needed."""
 
-    def __init__(self, export_dir: str | Path, device: str = "cpu", attn_implementation: str = "sdpa"):
-        from cxrfm.model.multitask import MultitaskModel
+    def __init__(self, export_dir: str | Path, device: str = "auto", attention: str | None = None,
+                 dtype: str = "auto", check_memory: bool = False):
+        """device/dtype "auto": this process's GPU in bf16 if it has one, else the CPU in fp32. attention:
+        None runs the export's model.attention where it can run here (see `load_export`)."""
+        from cxrfm.model.build import load_export
 
-        self.model = MultitaskModel.from_pretrained(export_dir, attn_implementation=attn_implementation).to(device).eval()
+        self.model = load_export(export_dir, device=device, dtype=dtype, attention=attention, check_memory=check_memory)
+        self.runtime = self.model.runtime  # what this process runs: device, dtype, attention, fused kernels
         self.tokenizer = load_tokenizer(export_dir)
-        self.device = torch.device(device)
+        self.device = torch.device(self.runtime.device)
         self.vocab = self.tokenizer.get_vocab()
         self.image_size = self.model.cfg.vision.image_size
         self.num_image_tokens = self.model.cfg.projector.num_tokens

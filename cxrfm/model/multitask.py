@@ -5,8 +5,9 @@ LM loss covers (answer tokens only). Several images per study (frontal, lateral,
 encoded and written into their own placeholders, in prompt order.
 
 Load and save like transformers: `save_pretrained(dir)` writes config.json (the full cxrfm config +
-vocab size), model.safetensors and, when given, the tokenizer; `from_pretrained(dir)` needs neither
-Ray nor DeepSpeed.
+vocab size), model.safetensors and, when given, the tokenizer; `from_pretrained(dir)` (= `load_export`)
+needs neither Ray nor DeepSpeed. Build and load only through cxrfm.model.build: it decides attention,
+kernels, device and dtype in the process that runs the model.
 """
 
 from __future__ import annotations
@@ -15,11 +16,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.nn import functional as F
 
-from cxrfm.config import Config, ModelConfig, config_from_dict
+from cxrfm.config import Config, ModelConfig
 from cxrfm.data.samples import ALL_TASKS, IGNORE, LM_TASKS, ROLES
 from cxrfm.data.schema import CHEXPERT_LABELS
 from cxrfm.model.diffusion import DiffusionDecoder, pack_tokens
@@ -150,15 +151,9 @@ class MultitaskModel(nn.Module):
             tokenizer.save_pretrained(str(path))
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, attn_implementation: str = "sdpa") -> "MultitaskModel":
-        path = Path(path)
-        if not (path / CONFIG).is_file() or not (path / WEIGHTS).is_file():
-            raise FileNotFoundError(f"{path} is not a cxrfm export (needs {CONFIG} and {WEIGHTS}); "
-                                    "train with `cxrfm train` and pass the printed export directory")
-        meta = json.loads((path / CONFIG).read_text())
-        cfg = config_from_dict(meta["config"]) if "data" in meta["config"] else Config(model=meta["config"]["model"])
-        model = cls(cfg.model, meta["vocab_size"], meta["image_token_id"], attn_implementation)
-        missing, unexpected = model.load_state_dict(load_file(str(path / WEIGHTS)), strict=False)
-        if unexpected or [k for k in missing if not k.endswith("rotary_emb.inv_freq")]:
-            raise ValueError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
-        return model
+    def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = "auto",
+                        attention: str | None = None) -> "MultitaskModel":
+        """transformers-style loading; the same as `cxrfm.model.build.load_export` (the one entry point)."""
+        from cxrfm.model.build import load_export
+
+        return load_export(path, device=device, dtype=dtype, attention=attention)

@@ -8,7 +8,9 @@ into one directory in run storage and keeps the last K.
 
 from __future__ import annotations
 
+import json
 import os
+import socket
 import tempfile
 import time
 from collections import defaultdict
@@ -63,18 +65,50 @@ class _Window:
     def __init__(self):
         self.sums = defaultdict(float)
 
-    def reduce(self) -> dict[str, float]:
-        vec = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64)
+    def reduce(self, device: torch.device) -> dict[str, float]:
+        # on the training device: NCCL reduces CUDA tensors only (gloo, CPU ones)
+        vec = torch.tensor([self.sums[k] for k in self.KEYS], dtype=torch.float64, device=device)
         dist.all_reduce(vec)
         return dict(zip(self.KEYS, vec.tolist()))
+
+
+def _report_runtime(model, engine, cfg, out: Path, rank: int, world: int, config: dict) -> None:
+    """Every rank says what it actually runs (workers/rank<N>.json, its log); rank 0 logs all ranks to MLflow
+    as params rank<N>/<field>, so a run records the backend of each worker, not what the driver assumed."""
+    mine = {"rank": rank, **model.runtime.as_dict(), "precision": cfg.train.precision,
+            "zero_stage": engine.zero_optimization_stage(), "host": socket.gethostname(), "pid": os.getpid()}
+    (out / "workers" / f"rank{rank}.json").write_text(json.dumps(mine))
+    print(f"rank {rank}: attention {mine['attention']} ({mine['attention_reason']}), ZeRO-{mine['zero_stage']}, "
+          f"{mine['device']}, fused rmsnorm {mine['fused_rmsnorm']}, fused cross-entropy {mine['fused_cross_entropy']}",
+          flush=True)
+    everyone: list[dict | None] = [None] * world
+    dist.all_gather_object(everyone, mine)
+    if rank == 0:
+        from mlflow.tracking import MlflowClient
+
+        params = {f"rank{r['rank']}/{k}": str(v)[:500] for r in everyone for k, v in r.items()
+                  if k in ("attention", "attention_reason", "device", "fused_rmsnorm", "fused_cross_entropy", "zero_stage")}
+        client = MlflowClient(tracking_uri=config["mlflow_uri"])
+        logged = client.get_run(config["mlflow_run_id"]).data.params
+        # A resumed run keeps its first values (MLflow params are immutable); a change is kept as a tag.
+        new = {k: v for k, v in params.items() if k not in logged}
+        if new:
+            from mlflow.entities import Param
+
+            client.log_batch(config["mlflow_run_id"], params=[Param(k, v) for k, v in new.items()])
+        for k, v in params.items():
+            if k in logged and logged[k] != v:
+                client.set_tag(config["mlflow_run_id"], f"resumed/{k}", v)
 
 
 def train_loop_per_worker(config: dict) -> None:
     import deepspeed
     import ray.train
+    import ray.train.torch
     from ray.train import Checkpoint
 
     from cxrfm.model.build import build_model
+    from cxrfm.model.runtime import resolve_device
     from cxrfm.text.tokenizer import load_tokenizer
     from cxrfm.train.deepspeed_config import deepspeed_config, make_optimizer, make_scheduler
     from cxrfm.train.tracking import MetricLogger
@@ -88,19 +122,22 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     if not cfg.train.use_gpu:
         torch.set_num_threads(max(1, int(cfg.train.cpus_per_worker)))
-    device = torch.device(f"cuda:{torch.cuda.current_device()}") if cfg.train.use_gpu else torch.device("cpu")
+    # use_gpu: Ray gave this worker a GPU and set it as current; cpu otherwise (never decided on the driver)
+    device = resolve_device(ray.train.torch.get_device()) if cfg.train.use_gpu else torch.device("cpu")
 
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
     tokenizer = load_tokenizer(Path(cfg.data.shards) / "tokenizer")
     ds_cfg = deepspeed_config(cfg)
-    model = build_model(cfg, len(tokenizer), attn_implementation=config["attn_implementation"],
-                        zero3_config=ds_cfg if cfg.deepspeed.stage == 3 else None)
+    # Attention backend, fused kernels and device are resolved here, in the worker that has the GPU.
+    model = build_model(cfg, len(tokenizer), device=device, zero3_config=ds_cfg if cfg.deepspeed.stage == 3 else None)
     if cfg.train.activation_checkpointing:
         model.enable_activation_checkpointing()
     optimizer = make_optimizer(cfg, model)
     # A factory, so the schedule binds to DeepSpeed's wrapped optimizer (ZeRO-3 regroups parameters).
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                                    lr_scheduler=lambda opt: make_scheduler(cfg, opt))
+
+    _report_runtime(model, engine, cfg, out, rank, world, config)
 
     step = 0
     checkpoint = ray.train.get_checkpoint()
@@ -143,7 +180,7 @@ def train_loop_per_worker(config: dict) -> None:
             step += 1
             final = step >= cfg.train.max_steps
             if step % cfg.train.log_every == 0 or final:
-                s = window.reduce()
+                s = window.reduce(device)
                 now = time.perf_counter()
                 elapsed = now - last_log
                 tokens = sum(s[f"tokens/{t}"] for t in LM_TASKS)

@@ -16,6 +16,15 @@ from cxrfm.config import Config, ConfigError, config_from_dict
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def worker_env(cfg: Config) -> dict[str, str]:
+    """Environment of the Ray Train workers: the CPU settings (no GPU), TRITON_INTERPRET when the user set
+    it here (a debugging switch, passed through, never decided here), then train.worker_env."""
+    env = dict(WORKER_ENV) if not cfg.train.use_gpu else {}
+    if os.environ.get("TRITON_INTERPRET"):
+        env["TRITON_INTERPRET"] = os.environ["TRITON_INTERPRET"]
+    return {**env, **cfg.train.worker_env}
+
+
 @dataclass
 class TrainResult:
     run_name: str
@@ -26,6 +35,7 @@ class TrainResult:
     mlflow_run_id: str
     history: list[dict]
     metrics: dict
+    ranks: list[dict] = None  # per rank: attention backend, fused kernels, device, dtype, ZeRO stage, host
 
 
 def _init_ray(cfg: Config) -> bool:
@@ -39,7 +49,7 @@ def _init_ray(cfg: Config) -> bool:
         return False
     # address="local": always a private cluster, never one that another `ray start` left running.
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": WORKER_ENV if not cfg.train.use_gpu else {}})
+             runtime_env={"env_vars": worker_env(cfg)})
     return True
 
 
@@ -87,7 +97,6 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
 
-    from cxrfm.attention import resolve_backend
     from cxrfm.data.build import ensure_shards
     from cxrfm.data.pipeline import build_dataset
     from cxrfm.data.mixture import mixture_params, resolve_sources
@@ -124,8 +133,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                               "(cxrfm jobs submit SPEC --to ray ADDRESS)")
     local = _init_ray(cfg)
     _check_resources(cfg)
-    backend, why = resolve_backend(cfg.model.attention, "cuda" if cfg.train.use_gpu else "cpu")
-    print(f"attention backend: {backend} ({why})")
+    # The attention backend, kernels, device and dtype are decided in each worker (cxrfm.model.build), where
+    # the GPU is: a head node or laptop driver may have none. Each rank reports what it runs.
+    print(f"attention: model.attention={cfg.model.attention}, resolved in each worker (MLflow params rank<N>/attention)")
 
     ensure_shards(cfg.data)
     manifests = [load_manifest(root) for _, _, root in resolve_sources(cfg.data)]  # one, or one per mixed source
@@ -154,7 +164,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         print(f"warning: {n} training samples excluded before reading ({reason}); run: cxrfm data verify {cfg.data.shards}")
 
     queue = Queue(actor_options={"num_cpus": 0})
-    loop_config = {"cfg": cfg.dump(), "mlflow_uri": uri, "mlflow_run_id": run_id, "attn_implementation": backend,
+    loop_config = {"cfg": cfg.dump(), "mlflow_uri": uri, "mlflow_run_id": run_id,
                    "progress_queue": queue, "resume_from": resume_from, "run_dir": str(run_dir)}
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -166,7 +176,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             name=run_name, storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
-            worker_runtime_env={"env_vars": WORKER_ENV if not cfg.train.use_gpu else {}},
+            worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
         datasets={"train": dataset},
     )
@@ -195,8 +205,15 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     mlflow.end_run()
     if local:
         ray.shutdown()
-    res = TrainResult(run_name, run_dir, ckpt, export_dir, uri, run_id, history, {**metrics, "skipped": skipped})
+    ranks = worker_runtimes(run_dir)
+    res = TrainResult(run_name, run_dir, ckpt, export_dir, uri, run_id, history, {**metrics, "skipped": skipped}, ranks)
     return res
+
+
+def worker_runtimes(run_dir: Path) -> list[dict]:
+    """What each rank reported it runs (workers/rank<N>.json, written by the training loop), in rank order."""
+    files = sorted((run_dir / "workers").glob("rank*.json"), key=lambda p: int(p.stem.removeprefix("rank")))
+    return [json.loads(p.read_text()) for p in files]
 
 
 def summary(res: TrainResult) -> str:
@@ -211,8 +228,11 @@ def summary(res: TrainResult) -> str:
         lines.append(f"data wait     {sum(m['data_wait_fraction'] for m in h) / len(h):.1%} of step time")
     skipped = res.metrics.get("skipped", {})
     lines.append(f"skipped       {int(sum(skipped.values()))} samples" + (f" {skipped}" if skipped else ""))
+    for r in res.ranks or []:
+        lines.append(f"rank {r['rank']:<8} attention {r['attention']} ({r['attention_reason']}); ZeRO-{r['zero_stage']}, "
+                     f"{r['device']} {r['precision']}, fused rmsnorm {r['fused_rmsnorm']} / cross-entropy {r['fused_cross_entropy']}")
     lines.append(f"checkpoint    {res.checkpoint}")
-    lines.append(f"export        {res.export_dir}  (MultitaskModel.from_pretrained; no Ray/DeepSpeed needed)")
+    lines.append(f"export        {res.export_dir}  (cxrfm.model.load_export; no Ray/DeepSpeed needed)")
     lines.append(f"mlflow store  {res.mlflow_uri}  (run id {res.mlflow_run_id})")
     lines.append(f"open the UI   mlflow ui --backend-store-uri {res.mlflow_uri}")
     return "\n".join(lines)
