@@ -109,6 +109,23 @@ def _pod(role: str, image: str, resources: dict[str, Any], volumes: list[dict], 
     return {"metadata": {"labels": labels}, "spec": spec}
 
 
+def _submitter(image: str, labels: dict[str, str]) -> dict[str, Any]:
+    """The pod that runs `ray job submit`: KubeRay fills in its command (no command given here)."""
+    limits = {"cpu": "1", "memory": "1Gi"}
+    return {"metadata": {"labels": labels}, "spec": {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "runAsNonRoot": True,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{"name": "ray-job-submitter", "image": image, "imagePullPolicy": "IfNotPresent",
+                        "env": [{"name": "HOME", "value": "/tmp"}],
+                        "resources": {"requests": {"cpu": "200m", "memory": "512Mi"}, "limits": limits},
+                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                        "securityContext": _security_context()}],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }}
+
+
 def rayjob_manifests(cfg: Config, spec_path: str | Path, overrides: list[str] | tuple[str, ...] = (), *,
                      namespace: str = "default", image: str | None = None, pvc: str | None = "cxrfm-shared",
                      name: str | None = None) -> list[dict[str, Any]]:
@@ -150,7 +167,12 @@ def rayjob_manifests(cfg: Config, spec_path: str | Path, overrides: list[str] | 
             # start over on a fresh cluster, so the submitter is not retried.
             "backoffLimit": 0,
             "shutdownAfterJobFinishes": True,
-            "ttlSecondsAfterFinished": 3600,
+            # A finished gang frees its GPUs at once (shutdownAfterJobFinishes) and the RayJob object goes
+            # after 10 minutes; a gang that cannot start within 10 minutes gives back what it got.
+            "ttlSecondsAfterFinished": 600,
+            "preRunningDeadlineSeconds": 600,
+            # KubeRay's default submitter has no securityContext: PSA "restricted" namespaces reject it.
+            "submitterPodTemplate": _submitter(image, labels),
             "rayClusterSpec": {
                 "rayVersion": RAY_VERSION,
                 "headGroupSpec": {

@@ -216,3 +216,51 @@ def test_missing_kubeconfig_is_one_line(capsys, monkeypatch, tmp_path):
     rc, out, err = run_cli(["jobs", "submit", str(REPO / "jobs" / "tiny.yaml"), "--to", "kubernetes"], capsys)
     assert rc == 2 and out == ""
     assert err.count("\n") == 1 and "no kubeconfig" in err and "KUBECONFIG" in err
+
+
+# ---- entrypoint quoting and the submitter pod ----------------------------------------------------
+
+QUOTING_CASES = ["tracking.run_name=a # b", "tracking.run_name=key: value", "tracking.run_name=it's",
+                 "tracking.run_name=$HOME `id` \\ \"q\"",
+                 "tracking.run_name=x;y|z&w"]
+
+
+def shell_words(command: str) -> list[str]:
+    """The words a real POSIX shell makes of `command` (as KubeRay's submitter's bash does)."""
+    import subprocess
+
+    out = subprocess.run(["bash", "-c", f'set -- {command}; printf "%s\\0" "$@"'], capture_output=True, check=True)
+    return out.stdout.decode().split("\0")[:-1]
+
+
+@pytest.mark.parametrize("override", QUOTING_CASES)
+def test_entrypoint_quotes_every_override(override, capsys, monkeypatch, tmp_path):
+    """`#` is not cut, `: ` does not break the YAML, `'` does not escape the quoting, `$` is not expanded:
+    the shell gives back exactly the override, through the printed manifest too."""
+    cfg = load_config(REPO / "jobs" / "tiny.yaml", [override])
+    command = kube.entrypoint(cfg, "/etc/cxrfm/jobs/tiny.yaml", [override])
+    assert shell_words(command) == ["cxrfm", "train", "/etc/cxrfm/jobs/tiny.yaml", "--set", override]
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
+    rc, out, err = run_cli(["jobs", "submit", str(REPO / "jobs" / "tiny.yaml"), "--to", "kubernetes", "--dry-run",
+                            "--set", override], capsys)
+    assert rc == 0, err
+    rayjob = list(yaml.safe_load_all(out))[1]
+    assert shell_words(rayjob["spec"]["entrypoint"])[-2:] == ["--set", override]
+
+
+def test_submitter_pod_is_restricted_and_gpu_workers_ask_for_gpus():
+    """KubeRay's default submitter has no securityContext (PSA "restricted" rejects it), so the RayJob
+    brings its own; GPU workers request and limit the same nvidia.com/gpu count (no schema needed)."""
+    path = REPO / "jobs" / "pretrain-m4cxr.yaml"
+    _, rayjob = kube.rayjob_manifests(load_config(path), path)
+    submitter = rayjob["spec"]["submitterPodTemplate"]["spec"]
+    assert submitter["securityContext"]["runAsNonRoot"] is True
+    assert submitter["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+    (container,) = submitter["containers"]
+    assert "command" not in container  # KubeRay fills in `ray job submit ...`
+    ctx = container["securityContext"]
+    assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"]
+    assert rayjob["spec"]["preRunningDeadlineSeconds"] > 0 and rayjob["spec"]["ttlSecondsAfterFinished"] <= 600
+    (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    res = group["template"]["spec"]["containers"][0]["resources"]
+    assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "8"

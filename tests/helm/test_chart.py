@@ -1,7 +1,7 @@
 """The Helm chart, rendered and linted by the real Helm engine (helm-python-sdk, Helm v4 in-process),
 for the default values and several value sets. Every rendered object is validated: core objects with
 kubernetes-validate (Kubernetes 1.30 schemas, strict), KubeRay objects against the KubeRay v1.7.0 CRD
-schemas (shared/kuberay-crds/v1.7.0, beside the clone; unknown fields are errors). The cluster/
+schemas vendored in tests/helm/crds (unknown fields are errors). The cluster/
 RayCluster specs are checked the same way."""
 
 from __future__ import annotations
@@ -12,17 +12,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-helm = pytest.importorskip("helm_python", reason="pip install helm-python-sdk (the test extra)")
-kubernetes_validate = pytest.importorskip("kubernetes_validate", reason="pip install kubernetes-validate")
+import helm_python as helm  # the test extra: helm-python-sdk
+import kubernetes_validate
 
 from cxrfm.kube import validate_kuberay  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CHART = REPO / "helm" / "cxrfm"
 KUBERAY_VERSION = "v1.7.0"
-CRDS = REPO.parent / "shared" / "kuberay-crds" / KUBERAY_VERSION
+CRDS = REPO / "tests" / "helm" / "crds" / KUBERAY_VERSION  # vendored: see its README.md
 K8S_VERSION = "1.30.0"
-pytestmark = pytest.mark.skipif(not CRDS.is_dir(), reason=f"KubeRay {KUBERAY_VERSION} CRDs not found at {CRDS}")
 
 def _tenant_store() -> tuple[str, str]:
     """(the tenants YAML `cxrfm tenants add` writes, the plaintext key it printed)."""
