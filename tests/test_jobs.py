@@ -220,7 +220,7 @@ def test_missing_kubeconfig_is_one_line(capsys, monkeypatch, tmp_path):
 
 # ---- entrypoint quoting and the submitter pod ----------------------------------------------------
 
-QUOTING_CASES = ["tracking.run_name=a # b", "tracking.run_name=key: value", "tracking.run_name=it's",
+QUOTING_CASES = ["tracking.run_name=a # b", "tracking.run_name=\"key: value\"", "tracking.run_name=it's",
                  "tracking.run_name=$HOME `id` \\ \"q\"",
                  "tracking.run_name=x;y|z&w"]
 
