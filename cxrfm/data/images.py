@@ -21,6 +21,7 @@ from PIL import Image
 PNG_SIG = b"\x89PNG\r\n\x1a\n"
 JPEG_SIG = b"\xff\xd8\xff"
 MIN_SIDE = 16
+MAX_IMAGE_PIXELS = 100_000_000  # a file on disk (a 43x43 cm detector at 0.1 mm is ~19 MP); serving sets its own
 
 
 class ImageDecodeError(ValueError):
@@ -157,7 +158,7 @@ def decode_image(data: bytes, field: str, max_pixels: int = 40_000_000) -> np.nd
     return _decode_pil(data, kind, field, max_pixels)
 
 
-def read_image(path: str | Path, max_pixels: int = 100_000_000) -> np.ndarray:
+def read_image(path: str | Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
     """A PNG (8/16-bit), JPEG or DICOM file -> (H, W) uint8; ImageDecodeError (code names the problem) if not."""
     path = Path(path)
     try:

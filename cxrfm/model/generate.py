@@ -7,7 +7,6 @@ the KV cache of the Llama model (greedy, beam search or sampling; stops at EOS).
 
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cxrfm.data.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, read_image
 from cxrfm.data.samples import ROLES, prompt_ids, report_prompt
 from cxrfm.text.tokenizer import EOS, PAD, load_tokenizer, loc_tokens_to_boxes
 
@@ -42,17 +42,18 @@ class ImageError(ValueError):
 
 
 def load_image(data: bytes | str | Path | np.ndarray, what: str = "image") -> np.ndarray:
-    """PNG/JPEG bytes or path or array -> (H, W) uint8 grayscale."""
+    """PNG (8/16-bit), JPEG or DICOM bytes or path, or an array -> (H, W) uint8 grayscale.
+
+    Files and bytes go through cxrfm.data.images, the decoder of the data build and serving, so a
+    study reads the same here as in training and behind /v1/report."""
     if isinstance(data, np.ndarray):
         return data if data.dtype == np.uint8 else np.clip(data, 0, 255).astype(np.uint8)
     try:
-        raw = Path(data).read_bytes() if isinstance(data, (str, Path)) else data
-        with Image.open(io.BytesIO(raw)) as im:
-            return np.asarray(im.convert("L"), dtype=np.uint8)
-    except FileNotFoundError:
-        raise ImageError(f"{what}: file {data} not found") from None
-    except Exception as e:  # noqa: BLE001 - PIL raises many types for bad data
-        raise ImageError(f"{what}: not a readable PNG/JPEG image ({e})") from None
+        if isinstance(data, (str, Path)):
+            return read_image(data)
+        return decode_image(bytes(data), what, max_pixels=MAX_IMAGE_PIXELS)
+    except ImageDecodeError as e:
+        raise ImageError(f"{what}: {e.message}") from None
 
 
 class Predictor:
