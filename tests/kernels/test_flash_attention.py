@@ -93,10 +93,27 @@ def test_transformers_layout_views_need_no_copy(device, rel_err):
     # transformers hands over (B, H, T, D); the kernel reads the (B, T, H, D) transpose view through strides
     q, k, v = (torch.randn(2, 4, 29, 64, device=device, requires_grad=True) for _ in range(3))
     out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
-    ref = attention_reference(q.transpose(1, 2).double(), k.transpose(1, 2).double(), v.transpose(1, 2).double(), True)
-    assert rel_err(out, ref) < tol(torch.float32)
-    out.sum().backward()
-    assert q.grad.shape == q.shape and torch.isfinite(q.grad).all()
+    _grads_vs_reference(out, (q, k, v),
+                        lambda a, b, c: attention_reference(a.transpose(1, 2), b.transpose(1, 2), c.transpose(1, 2), True),
+                        rel_err, torch.float32)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_gradients_match_pytorch_sdpa(causal, device, rel_err):
+    """Against PyTorch's own scaled_dot_product_attention (not our reference): output and dq, dk, dv, with
+    GQA (4 query heads on 2 KV heads), an odd length and a softmax scale of our choosing."""
+    B, T, H, Hk, D, scale = 2, 21, 4, 2, 64, 0.2
+    q = torch.randn(B, T, H, D, device=device, requires_grad=True)
+    k = torch.randn(B, T, Hk, D, device=device, requires_grad=True)
+    v = torch.randn(B, T, Hk, D, device=device, requires_grad=True)
+
+    def sdpa(a, b, c):  # (B, T, H, D) in and out, K/V heads repeated for the grouped queries
+        b, c = (x.transpose(1, 2).repeat_interleave(H // Hk, dim=1) for x in (b, c))
+        return torch.nn.functional.scaled_dot_product_attention(a.transpose(1, 2), b, c, is_causal=causal,
+                                                                scale=scale).transpose(1, 2)
+
+    out = flash_attn_func(q, k, v, causal=causal, softmax_scale=scale)
+    _grads_vs_reference(out, (q, k, v), sdpa, rel_err, torch.float32)
 
 
 def test_logsumexp_and_scale(device, rel_err):

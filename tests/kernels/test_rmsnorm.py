@@ -50,8 +50,14 @@ def test_module_matches_llama_rmsnorm(device, rel_err):
     ref.weight.data.normal_(1.0, 0.1)
     ours = FusedRMSNorm(128, eps=1e-5).to(device)
     ours.load_state_dict(ref.state_dict())  # same parameter name, so checkpoints interchange
-    x = torch.randn(4, 11, 128, device=device)
-    assert rel_err(ours(x), ref(x)) < 1e-5
+    x = torch.randn(4, 11, 128, device=device, requires_grad=True)
+    y_ours, y_ref = ours(x), ref(x)
+    assert rel_err(y_ours, y_ref) < 1e-5
+    dy = torch.randn_like(y_ref)
+    dx_ours, dw_ours = torch.autograd.grad(y_ours, (x, ours.weight), dy)
+    dx_ref, dw_ref = torch.autograd.grad(y_ref, (x, ref.weight), dy)
+    assert rel_err(dx_ours, dx_ref) < 1e-5, f"dx err {rel_err(dx_ours, dx_ref):.2e}"
+    assert rel_err(dw_ours, dw_ref) < 1e-5, f"dweight err {rel_err(dw_ours, dw_ref):.2e}"
 
 
 def test_bad_weight_shape(device):
