@@ -257,3 +257,33 @@ def write_chestxray8(root: Path) -> dict:
     }
     write_garbage(root / "images" / "00000004_000.png", signature=b"\x89PNG\r\n\x1a\n")
     return {"pixels": pixels}
+
+
+# ----------------------------------------------------------------------------- VinDr-CXR, detection-challenge layout
+
+VINDR_BOX_ONLY_COLUMNS = ["image_id", "class_name", "class_id", "rad_id", "x_min", "y_min", "x_max", "y_max"]
+VINDR_CLASS_ID = {"Aortic enlargement": 0, "Atelectasis": 1, "Cardiomegaly": 3, "Nodule/Mass": 8,
+                  "Pleural effusion": 10, "Pneumothorax": 12, "No finding": 14}
+K1 = "9a5094b2563a1ef3ff50dc5c7ff71345"  # boxes by a majority (heart, effusion) and by a minority (nodule)
+K2 = "051132a778e61a86eb147c7c6f564dfe"  # "No finding" by all three readers
+K3 = "1c32170b4af4ce1a3030eb8167753b06"  # two readers mark a pneumothorax in different places: no box, label 1
+
+
+def write_vindr_box_only(root: Path) -> dict:
+    """train.csv (per-box rows, no image-level label file) + train/<image_id>.dicom, as the challenge release."""
+    def row(image, reader, cls, box=("", "", "", "")):
+        return [image, cls, VINDR_CLASS_ID[cls], reader, *box]
+
+    rows = [
+        row(K1, "R8", "Cardiomegaly", (20, 30, 60, 50)), row(K1, "R9", "Cardiomegaly", (22, 31, 62, 52)),
+        row(K1, "R10", "Cardiomegaly", (18, 29, 58, 51)),
+        row(K1, "R8", "Pleural effusion", (5, 40, 20, 60)), row(K1, "R9", "Pleural effusion", (6, 41, 21, 61)),
+        row(K1, "R10", "Nodule/Mass", (40, 10, 48, 18)),
+        row(K2, "R1", "No finding"), row(K2, "R2", "No finding"), row(K2, "R3", "No finding"),
+        row(K3, "R4", "Pneumothorax", (60, 2, 78, 20)), row(K3, "R5", "Pneumothorax", (2, 2, 20, 20)),
+        row(K3, "R6", "No finding"),
+    ]
+    write_csv(root / "train.csv", VINDR_BOX_ONLY_COLUMNS, rows)
+    for i, image in enumerate((K1, K2, K3)):
+        write_dicom(root / "train" / f"{image}.dicom", 64, 80, "MONOCHROME2", seed=40 + i)
+    return {"images": [K1, K2, K3]}

@@ -91,3 +91,46 @@ def test_test_set_boxes_are_kept_as_given_whatever_their_reader(tmp_path):
     assert record.payload["boxes"] == {"Nodule/Mass": [[10, 10, 20, 20], [12, 12, 22, 22]],
                                        "Atelectasis": [[5, 5, 9, 9]]}
     assert report.counts["box_without_reader_majority"] == 1  # the train nodule only
+
+
+def test_box_only_layout_derives_labels_from_the_readers_and_says_so(tmp_path):
+    from tests.data.sources.fixtures_grounding import K1, K2, K3, write_vindr_box_only
+
+    write_vindr_box_only(tmp_path / "raw")
+    _, back, report = build("vindr_cxr", tmp_path / "raw", tmp_path / "shards")
+    assert report["notes"]["vindr_cxr_layout"] == "boxes_only"
+    assert report["notes"]["vindr_cxr_labels"].startswith("derived_from_boxes")
+    assert report["flagged"]["labels_derived_from_boxes"] == 3
+    s1 = back[f"vindr_cxr-{K1}"][0]
+    assert boxes(s1) == {"cardiomegaly": [(20, 30, 60, 51)], "pleural effusion": [(5.5, 40.5, 20.5, 60.5)]}
+    assert (s1.labels["Cardiomegaly"], s1.labels["Pleural Effusion"], s1.labels["Lung Lesion"]) == (1, 1, -1)
+    assert s1.labels["No Finding"] == 0 and s1.labels["Pneumothorax"] == 0
+    assert "Pneumonia" not in s1.labels  # a global label: not in the box file, so not claimed negative
+    s2 = back[f"vindr_cxr-{K2}"][0]
+    assert s2.labels["No Finding"] == 1 and s2.labels["Cardiomegaly"] == 0 and s2.grounding == []
+    s3 = back[f"vindr_cxr-{K3}"][0]  # two of three readers: positive, although their boxes do not agree
+    assert s3.labels["Pneumothorax"] == 1 and s3.labels["No Finding"] == 0 and s3.grounding == []
+    assert report["skipped"]["box_without_reader_majority"] == 3  # the nodule and the two pneumothorax boxes
+
+
+def test_a_weaker_image_label_is_raised_to_match_a_kept_box(tmp_path):
+    write_vindr_cxr(tmp_path)
+    labels = tmp_path / "annotations" / "image_labels_train.csv"
+    rows = labels.read_text().splitlines()
+    header = rows[0].split(",")
+    col = header.index("Pleural effusion")
+    for i, line in enumerate(rows):
+        cells = line.split(",")
+        if cells[0] == V1 and cells[1] == "R9":
+            cells[col] = "0"  # only one reader's image label keeps the effusion that two readers boxed
+            rows[i] = ",".join(cells)
+    labels.write_text("\n".join(rows) + "\n")
+    report = BuildReport()
+    [rec] = [r for r in get_converter("vindr_cxr")().scan(tmp_path, report) if r.study_id == f"vindr_cxr-{V1}"]
+    assert rec.payload["labels"]["Pleural effusion"] == 1
+    assert report.flagged == {"label_raised_to_match_box": 1}
+
+
+def test_layout_not_found_lists_both_layouts(tmp_path):
+    with pytest.raises(FileNotFoundError, match="PhysioNet 1.0.0.*detection challenge: train.csv"):
+        get_converter("vindr_cxr")().scan(tmp_path, BuildReport())
