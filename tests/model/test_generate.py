@@ -1,5 +1,7 @@
 """Generation with the KV cache through transformers `generate`, on an untrained tiny export."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -110,11 +112,30 @@ def test_sampling_is_seeded(predictor):
     assert a.text == b.text  # seeded sampling is reproducible
 
 
+@contextlib.contextmanager
+def _lm_head_zeroed(p: Predictor, rows: list[int]):
+    """Zero some output rows of the LM head (their logits become 0) for the duration; restored after."""
+    head = p.model.language.get_output_embeddings().weight  # (vocab, hidden)
+    saved = head.detach().clone()
+    try:
+        with torch.no_grad():
+            head[rows] = 0.0
+        yield
+    finally:
+        with torch.no_grad():
+            head.copy_(saved)
+
+
+def _loc_ids(p: Predictor) -> list[int]:
+    return [p.vocab[f"<loc_{i}>"] for i in range(NUM_LOC_BINS)]
+
+
 def test_grounding_answer_without_locations_is_reported_not_guessed(predictor, tmp_path):
-    ans = predictor.grounding(_images(4), "right pleural effusion", GenerationOptions(max_new_tokens=4))
-    want = _greedy_ids_without_cache(predictor, _images(4), "right pleural effusion", 4, task="grounding")
-    names = predictor.tokenizer.convert_ids_to_tokens(want)
-    assert not any(n.startswith("<loc_") for n in names), "the untrained model emitted locations: pick other inputs"
+    # A model that never says a location token (their logits are 0, below the best of the other tokens).
+    with _lm_head_zeroed(predictor, _loc_ids(predictor)):
+        ans = predictor.grounding(_images(4), "right pleural effusion", GenerationOptions(max_new_tokens=4))
+        want = _greedy_ids_without_cache(predictor, _images(4), "right pleural effusion", 4, task="grounding")
+    assert ans.text == predictor.tokenizer.decode(want, skip_special_tokens=False).strip()
     assert ans.boxes == [] and ans.problems == ["the answer holds no location tokens"]
     draw_boxes(_images(4)["frontal"], [(10, 10, 50, 60)], tmp_path / "boxes.png")
     drawn = load_image(tmp_path / "boxes.png")
@@ -127,19 +148,13 @@ def test_grounding_boxes_are_the_location_bins_in_original_pixels(predictor):
     (96 x 160, not the model's square input), and a box of non-positive size is a stated problem."""
     rng = np.random.default_rng(7)
     images = {"frontal": rng.integers(0, 255, (96, 160), dtype=np.uint8)}  # (height, width)
-    head = predictor.model.language.get_output_embeddings().weight  # (vocab, hidden)
-    saved = head.detach().clone()
-    loc_ids = [predictor.vocab[f"<loc_{i}>"] for i in range(NUM_LOC_BINS)]
-    try:
-        with torch.no_grad():
-            keep = torch.zeros(head.shape[0], dtype=torch.bool)
-            keep[loc_ids] = True
-            head[~keep] = 0.0  # logit 0 for every other token; the best of 1024 random logits is above it
+    loc_ids = _loc_ids(predictor)
+    rows = predictor.model.language.get_output_embeddings().weight.shape[0]
+    others = sorted(set(range(rows)) - set(loc_ids))
+    # logit 0 for every other token; the best of 1024 random logits is above it
+    with _lm_head_zeroed(predictor, others):
         ans = predictor.grounding(images, "left pleural effusion", GenerationOptions(max_new_tokens=8))
         ids = _greedy_ids_without_cache(predictor, images, "left pleural effusion", 8, task="grounding")
-    finally:
-        with torch.no_grad():
-            head.copy_(saved)
     bins = [loc_ids.index(i) for i in ids]  # every generated token is a location token
     assert len(bins) == 8 and ans.tokens == 8
     want_boxes, want_problems = [], []
