@@ -57,6 +57,8 @@ class DataConfig(_Section):
     # How often each task is drawn for a study. Tasks the data cannot serve are skipped and counted.
     tasks: dict[str, float] = Field(default_factory=lambda: {"report": 0.5, "vqa": 0.3, "grounding": 0.2})
     verify_shards: bool = Field(True, description="check shard sha256 against the manifest before training")
+    shuffle: bool = Field(True, description="training reads shards in a random order; false: the stream order is "
+                          "fixed (preserve_order), so two runs from the same seed see the same batches")
     vocab_size: int = Field(2000, ge=300, description="BPE vocabulary before special/location tokens")
 
     @model_validator(mode="after")

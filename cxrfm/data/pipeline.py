@@ -107,7 +107,7 @@ def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool)
     shards = Path(cfg.data.shards)  # with data.sources: where the mixture's joint tokenizer lives
     paths, skipped = mixture_paths(cfg.data, split)  # one source, or several drawn by weight (data/mixture.py)
     spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, num_image_tokens, augment)
-    ds = ray.data.read_webdataset(paths, decoder=None, shuffle="files" if augment else None, num_cpus=0.25)
+    ds = ray.data.read_webdataset(paths, decoder=None, shuffle="files" if augment and cfg.data.shuffle else None, num_cpus=0.25)
     ds = ds.map_batches(
         map_studies,
         fn_kwargs={"tokenizer_dir": str(shards / "tokenizer"), "spec": spec,

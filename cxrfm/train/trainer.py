@@ -63,6 +63,14 @@ def _check_resources(cfg: Config) -> None:
                               "set train.use_gpu=false (CPU) or submit to a GPU cluster (cxrfm jobs submit)")
 
 
+def _data_config(cfg: Config):
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = not cfg.data.shuffle  # data.shuffle=false: reproducible batches across runs
+    return DataConfig(execution_options=options)
+
+
 def latest_checkpoint(storage: Path) -> tuple[str | None, int]:
     """The checkpoint directory with the highest DeepSpeed step under a run's Ray storage."""
     best, best_step = None, -1
@@ -179,6 +187,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
         datasets={"train": dataset},
+        dataset_config=_data_config(cfg),
     )
     history: list[dict] = []
     stop = threading.Event()
