@@ -6,79 +6,20 @@ RayCluster specs are checked the same way."""
 
 from __future__ import annotations
 
-import tempfile
-from pathlib import Path
-
+import kubernetes_validate
 import pytest
 import yaml
 
-import helm_python as helm  # the test extra: helm-python-sdk
-import kubernetes_validate
-
-from cxrfm.kube import validate_kuberay  # noqa: E402
-
-REPO = Path(__file__).resolve().parents[2]
-CHART = REPO / "helm" / "cxrfm"
-KUBERAY_VERSION = "v1.7.0"
-CRDS = REPO / "tests" / "helm" / "crds" / KUBERAY_VERSION  # vendored: see its README.md
-K8S_VERSION = "1.30.0"
-
-def _tenant_store() -> tuple[str, str]:
-    """(the tenants YAML `cxrfm tenants add` writes, the plaintext key it printed)."""
-    from cxrfm.serving.tenants import Tenant, add_tenant
-
-    with tempfile.TemporaryDirectory() as d:
-        key = add_tenant(Path(d) / "tenants.yaml", Tenant(name="acme", models=["base"]))
-        return (Path(d) / "tenants.yaml").read_text(), key
-
-
-TENANTS_YAML, TENANT_KEY = _tenant_store()
-H100_WORKERS = {"replicas": 8, "gpusPerWorker": 8, "gpuProduct": "NVIDIA-H100-80GB-HBM3", "shmSize": "64Gi",
-                "resources": {"requests": {"cpu": "96", "memory": "1200Gi"}, "limits": {"cpu": "96", "memory": "1200Gi"}}}
-VALUE_SETS = {
-    "default": {},
-    "pretrain-h100": {
-        "training": {"spec": "pretrain-m4cxr.yaml", "overrides": ["train.max_steps=100"], "workers": H100_WORKERS,
-                     "runtimeEnv": {"env_vars": {"NCCL_DEBUG": "WARN"}}, "activeDeadlineSeconds": 604800},
-        "serving": {"workers": {"gpusPerWorker": 1, "gpuProduct": "NVIDIA-L4"}, "tenants": TENANTS_YAML,
-                    "ingress": {"host": "cxr.example.org", "tls": {"enabled": True, "secretName": "cxr-tls"}}},
-        "imagePullSecrets": [{"name": "registry"}],
-    },
-    "external-stores": {
-        "mlflow": {"backendStore": {"internal": False, "host": "pg.db.svc", "existingSecret": "mlflow-db"},
-                   "artifactStore": {"internal": False, "endpointUrl": "https://s3.example.org", "existingSecret": "mlflow-s3"}},
-        "sharedStorage": {"existingClaim": "team-nfs"},
-        "serving": {"existingTenantsSecret": "tenant-store"},
-    },
-    "serving-only": {"training": {"enabled": False}, "mlflow": {"enabled": False},
-                     "serving": {"ingress": {"enabled": False}, "podDisruptionBudget": {"enabled": False}}},
-}
+from cxrfm.kube import validate_kuberay
+from tests.helm.render import (CHART, CRDS, K8S_VERSION, REPO, TENANT_KEY, TENANTS_YAML, VALUE_SETS, by_name, helm,
+                               load_chart, pod_specs, render)
 
 
 @pytest.fixture(scope="module")
 def chart():
-    c = helm.Chart.load(str(CHART))
+    c = load_chart()
     yield c
     c.close()
-
-
-def render(chart, values) -> list[dict]:
-    out = chart.render(values, name="demo", namespace="ml")
-    return [d for path, text in sorted(out.items()) if path.endswith(".yaml") for d in yaml.safe_load_all(text) if d]
-
-
-def pod_specs(obj: dict) -> list[dict]:
-    """Every pod spec an object will create, KubeRay's included."""
-    spec = obj.get("spec", {})
-    if obj["kind"] in ("Deployment", "StatefulSet"):
-        return [spec["template"]["spec"]]
-    cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or (spec if obj["kind"] == "RayCluster" else None)
-    if cluster is None:
-        return []
-    pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in cluster["workerGroupSpecs"]]
-    if "submitterPodTemplate" in spec:
-        pods.append(spec["submitterPodTemplate"]["spec"])
-    return pods
 
 
 @pytest.mark.parametrize("name", VALUE_SETS)
@@ -104,7 +45,9 @@ def test_every_rendered_object_validates(chart, name):
                 assert {"cpu", "memory"} <= set(c["resources"]["requests"]) and c["resources"]["limits"], c["name"]
                 ctx = c["securityContext"]
                 assert ctx["allowPrivilegeEscalation"] is False and ctx["readOnlyRootFilesystem"] is True
-                assert ctx["capabilities"]["drop"] == ["ALL"]
+                assert ctx["capabilities"]["drop"] == ["ALL"] and ctx.get("privileged") is not True
+                # Only RDMA workers add a capability: IPC_LOCK, which verbs need to pin memory.
+                assert ctx["capabilities"].get("add", []) in ([], ["IPC_LOCK"]), c["name"]
         if obj["kind"] == "Service":
             assert obj["spec"]["type"] == "ClusterIP"  # the Ingress is the only way in
 
@@ -124,10 +67,11 @@ def test_default_release_objects(chart):
     rayjob = by[("RayJob", "demo-cxrfm-train")]
     assert rayjob["spec"]["entrypoint"] == \
         "cxrfm train /app/jobs/tiny.yaml --set tracking.mlflow_uri=http://demo-cxrfm-mlflow.ml.svc:5000"
-    # Serving runs the serve config from values.
+    # Serving runs the serve config from values, on CPUs (no GPU workers by default).
     values = yaml.safe_load((CHART / "values.yaml").read_text())
     service = by[("RayService", "demo-cxrfm")]
     serve = yaml.safe_load(service["spec"]["serveConfigV2"])
+    values["serving"]["serveConfig"]["applications"][0]["args"]["device"] = "cpu"
     assert serve == values["serving"]["serveConfig"]
     assert serve["applications"][0]["import_path"] == "cxrfm.serving.app:build_app"
     # Task deployments and the ingress autoscale; the limiter holds the buckets and stays one replica.
@@ -143,6 +87,9 @@ def test_default_release_objects(chart):
     assert with_token == [service["spec"]["rayClusterConfig"]["headGroupSpec"]["template"]["spec"]]
     rules = by[("Role", "demo-cxrfm-autoscaler")]["rules"]
     assert all("*" not in r["verbs"] + r["resources"] and not {"create", "delete"} & set(r["verbs"]) for r in rules)
+    # What Ray's KubeRay node provider calls, no more: it never patches a pod.
+    assert {(g, res, v) for r in rules for g in r["apiGroups"] for res in r["resources"] for v in r["verbs"]} == \
+        {("", "pods", "get"), ("", "pods", "list"), ("ray.io", "rayclusters", "get"), ("ray.io", "rayclusters", "patch")}
 
     # The PDB covers exactly the serving worker pods.
     pdb = by[("PodDisruptionBudget", "demo-cxrfm-serving")]["spec"]["selector"]["matchLabels"]
@@ -151,28 +98,10 @@ def test_default_release_objects(chart):
     assert pdb.items() <= worker_labels.items() and not pdb.items() <= head_labels.items()
 
 
-def test_network_policies(chart):
-    docs = {d["metadata"]["name"]: d for d in render(chart, {}) if d["kind"] == "NetworkPolicy"}
-    deny = docs["demo-cxrfm-default-deny"]["spec"]
-    assert deny["policyTypes"] == ["Ingress"] and "ingress" not in deny
-    assert deny["podSelector"]["matchLabels"]["app.kubernetes.io/instance"] == "demo"
-    serving = docs["demo-cxrfm-serving-ingress"]["spec"]["ingress"]
-    assert serving == [{"from": [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}],
-                        "ports": [{"protocol": "TCP", "port": 8000}]}]
-    # MLflow: any pod in the cluster, never an address outside it (no ipBlock anywhere).
-    mlflow = docs["demo-cxrfm-mlflow"]["spec"]["ingress"]
-    assert mlflow == [{"from": [{"namespaceSelector": {}}], "ports": [{"protocol": "TCP", "port": 5000}]}]
-    assert not any("ipBlock" in peer for d in docs.values() for rule in d["spec"].get("ingress", [])
-                   for peer in rule["from"])
-    stores = docs["demo-cxrfm-mlflow-stores"]["spec"]["ingress"][0]["from"]
-    assert stores == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "cxrfm", "app.kubernetes.io/instance": "demo",
-                                                       "app.kubernetes.io/component": "mlflow"}}}]
-
-
 def test_gpu_values(chart):
     docs = {(d["kind"], d["metadata"]["name"]): d for d in render(chart, VALUE_SETS["pretrain-h100"])}
     job = docs[("RayJob", "demo-cxrfm-train")]["spec"]
-    assert job["entrypoint"].endswith("--set 'train.max_steps=100'") and job["activeDeadlineSeconds"] == 604800
+    assert job["entrypoint"].endswith("--set train.max_steps=100") and job["activeDeadlineSeconds"] == 604800
     workers = job["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == workers["minReplicas"] == workers["maxReplicas"] == 8
     pod = workers["template"]["spec"]
@@ -244,10 +173,13 @@ def test_external_stores_render_no_internal_servers(chart):
                 "Secret/demo-cxrfm-postgresql", "Secret/demo-cxrfm-s3", "Secret/demo-cxrfm-tenants",
                 "PersistentVolumeClaim/demo-cxrfm-shared"} & names
     mlflow = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]["containers"][0]
-    assert "--backend-store-uri=postgresql://$(DB_USER):$(DB_PASSWORD)@pg.db.svc:5432/mlflow" in mlflow["command"]
+    # The password reaches libpq through PGPASSWORD, never the command line.
+    assert "--backend-store-uri=postgresql://pg.db.svc:5432/mlflow" in mlflow["command"]
+    assert not any("PASSWORD" in arg or "$(" in arg for arg in mlflow["command"])
     env = {e["name"]: e for e in mlflow["env"]}
     assert env["MLFLOW_S3_ENDPOINT_URL"]["value"] == "https://s3.example.org"
-    assert env["DB_PASSWORD"]["valueFrom"]["secretKeyRef"]["name"] == "mlflow-db"
+    assert env["PGPASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-db", "key": "password"}
+    assert env["PGUSER"]["valueFrom"]["secretKeyRef"] == {"name": "mlflow-db", "key": "username"}
 
 
 @pytest.mark.parametrize("values,where", [
