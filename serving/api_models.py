@@ -152,10 +152,24 @@ class GenerateResponse(BaseModel):
     image_png_base64: str = Field(description="the generated image, PNG, base64")
 
 
+class ModelRuntime(BaseModel):
+    deployment: str = Field(description="TextGenerator (report, vqa, grounding) or ImageGenerator (generate)")
+    model: str
+    device: str = Field(description="where the replica that answered runs it, e.g. cuda:0 or cpu")
+    dtype: str
+    attention: str = Field(description="the attention backend it runs: triton, flash_attn, xformers, sdpa or eager")
+    attn_implementation: str = Field(description="the name transformers runs it under, e.g. cxrfm_triton")
+    attention_reason: str
+    fused_rmsnorm: bool
+    fused_cross_entropy: bool
+
+
 class ModelsResponse(BaseModel):
     models: list[str]
     default_model: str
     tasks: list[str]
+    runtime: list[ModelRuntime] = Field(default_factory=list,
+                                        description="per deployment and loaded model of yours: what one replica runs it on")
 
 
 class Health(BaseModel):

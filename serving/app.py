@@ -17,6 +17,7 @@ import json
 import math
 import re
 import time
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -47,7 +48,12 @@ class AppArgs(BaseModel):
     model_dir: str | None = Field(None, description="shorthand for models: {<default_model>: model_dir}")
     default_model: str = "base"
     tasks: list[str] = Field(default_factory=lambda: ["report", "vqa", "grounding", "generate"])
-    device: str = "cpu"
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+                        description="where replicas run the model: auto (the GPU Ray gave the replica, else cpu), cpu, "
+                                    "cuda (model deployments then ask Ray for one GPU unless the config sets num_gpus)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field("auto", description="auto: bf16 on a GPU, fp32 on cpu")
+    attention: Literal["auto", "triton", "flash_attn", "xformers", "sdpa", "eager"] | None = Field(
+        None, description="attention backend; null: each export's own model.attention where it can run")
     mlflow_tracking_uri: str | None = None
     model_cache_dir: str = "/tmp/cxrfm-model-cache"
     max_models_per_replica: int = Field(3, ge=1)
@@ -231,7 +237,8 @@ class Ingress:
     async def readyz(self, request: Request):
         try:
             await asyncio.to_thread(self.auth.store.tenants)
-            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in self.tasks.values())), timeout=10)
+            handles = {DEPLOYMENT_NAMES[t]: h for t, h in self.tasks.items()}  # text tasks share one deployment
+            await asyncio.wait_for(asyncio.gather(*(h.ready.remote() for h in handles.values())), timeout=10)
         except Exception as e:  # noqa: BLE001 - any failure means not ready
             err = ApiError(503, "not_ready", f"not ready: {type(e).__name__}", retry_after=5)
             return err.response(request_id_of(request))
@@ -248,9 +255,23 @@ class Ingress:
             ctx.finish(e.status, e.code)
             return e.response(ctx.request_id)
         ctx.tenant = tenant.name
+        mine = [x for x in tenant.models if x in self.catalog]
+        tasks = [t for t in tenant.tasks if t in self.tasks]
         ctx.finish(200)
-        return {"models": [x for x in tenant.models if x in self.catalog], "default_model": tenant.default_model,
-                "tasks": [t for t in tenant.tasks if t in self.tasks]}
+        return {"models": mine, "default_model": tenant.default_model, "tasks": tasks,
+                "runtime": await self._runtimes(mine, tasks)}
+
+    async def _runtimes(self, models: list[str], tasks: list[str]) -> list[dict]:
+        """What one replica of each deployment runs the caller's loaded models on (device, dtype, attention)."""
+        out = []
+        for name in dict.fromkeys(DEPLOYMENT_NAMES[t] for t in tasks):
+            handle = self.tasks[next(t for t in tasks if DEPLOYMENT_NAMES[t] == name)]
+            try:
+                loaded = await asyncio.wait_for(handle.runtime.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - the list of models must not fail because a replica is busy
+                continue
+            out += [{"deployment": name, "model": k, **v} for k, v in sorted(loaded.items()) if k in models]
+        return out
 
     @api.post("/v1/report", tags=["tasks"], openapi_extra=m.body("report"), response_model=m.ReportResponse,
               responses=m.errors(400, 401, 403, 413, 415, 429, 501, 503, 504, stream=True),
@@ -326,7 +347,8 @@ class Ingress:
             ctx.upload = len(body)
             req, raw = await parse_request(task, request, body)
             ctx.model = self._choose_model(tenant, req.model)
-            item = {"text": getattr(req, TEXT_FIELD[task]), "max_new_tokens": getattr(req, "max_new_tokens", None)}
+            item = {"task": task, "text": getattr(req, TEXT_FIELD[task]),
+                    "max_new_tokens": getattr(req, "max_new_tokens", None)}
             if task == "generate":
                 if req.steps > self.args.max_generate_steps:  # the cost of a sample grows with its steps
                     raise ApiError(400, "invalid_request", f"steps: at most {self.args.max_generate_steps} on this server",
@@ -404,16 +426,19 @@ def build_app(args: dict):
     """Serve application builder: `import_path: cxrfm.serving.app:build_app` with `args:` as AppArgs."""
     a = AppArgs.model_validate(args)
     catalog = a.catalog()
-    common = {"models": catalog, "default_model": a.default_model, "device": a.device,
-              "mlflow_tracking_uri": a.mlflow_tracking_uri, "model_cache_dir": a.model_cache_dir,
-              "preload": a.preload, "batch": a.batch}
+    common = {"models": catalog, "default_model": a.default_model, "device": a.device, "dtype": a.dtype,
+              "attention": a.attention, "mlflow_tracking_uri": a.mlflow_tracking_uri,
+              "model_cache_dir": a.model_cache_dir, "preload": a.preload, "batch": a.batch}
     unknown = set(a.deployment_options) - {"Ingress", "TenantLimiter", *(DEPLOYMENT_NAMES[t] for t in a.tasks)}
     if unknown:
         raise ValueError(f"deployment_options for unknown deployments {sorted(unknown)}")
-    tasks = {}
+    tasks, bound = {}, {}
     for task in a.tasks:
-        dep = task_deployment(task, a.max_models_per_replica)
-        opts = a.deployment_options.get(dep.name, {})
-        tasks[task] = (dep.options(**opts) if opts else dep).bind(**common)
+        name = DEPLOYMENT_NAMES[task]
+        if name not in bound:  # report, vqa and grounding: one deployment, one copy of the weights per replica
+            dep = task_deployment(task, a.max_models_per_replica, gpu=a.device.startswith("cuda"))
+            opts = a.deployment_options.get(name, {})
+            bound[name] = (dep.options(**opts) if opts else dep).bind(**common)
+        tasks[task] = bound[name]
     limiter = TenantLimiter.options(**a.deployment_options.get("TenantLimiter", {})).bind()
     return Ingress.options(**a.deployment_options.get("Ingress", {})).bind(a.model_dump(), tasks, limiter)

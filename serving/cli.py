@@ -120,9 +120,27 @@ def check_config(config: dict) -> None:
         ServeDeploySchema.model_validate(config)
         for app in config["applications"]:
             if app.get("import_path") == IMPORT_PATH:
-                AppArgs.model_validate(app.get("args", {})).catalog()
+                args = AppArgs.model_validate(app.get("args", {}))
+                args.catalog()
+                _check_gpus(app, args)
     except (ValidationError, ValueError) as e:
         raise ConfigError(f"invalid serve config: {e}") from None
+
+
+def _check_gpus(app: dict, args) -> None:
+    """device: cuda needs every model deployment to ask Ray for a GPU. A config's ray_actor_options replace
+    the default (num_gpus: 1) as a whole, so one without num_gpus would start replicas that see no GPU."""
+    from .deployments import DEPLOYMENT_NAMES
+
+    if not args.device.startswith("cuda"):
+        return
+    served = {DEPLOYMENT_NAMES[t] for t in args.tasks}
+    for dep in app.get("deployments") or []:
+        opts = dep.get("ray_actor_options")
+        if dep.get("name") in served and opts is not None and not opts.get("num_gpus"):
+            raise ValueError(f"application {app.get('name')!r}: device is {args.device!r} but deployment "
+                             f"{dep['name']!r} sets ray_actor_options without num_gpus, so its replicas get no GPU; "
+                             "add num_gpus (e.g. 1, or 0.5 to share a GPU) or use device: auto")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -1,6 +1,15 @@
-"""Task deployments (report, vqa, grounding, generate) and the tenant limiter.
+"""Model deployments and the tenant limiter.
 
-Each task deployment:
+`TextGenerator` serves the three text tasks (report, vqa, grounding) from ONE copy of the weights per
+replica (a request carries its task); `ImageGenerator` serves text-to-CXR (the diffusion decoder). Each
+replica loads its models through `cxrfm.model.load_export` in its own process: device ("auto": the GPU
+Ray gave it, else CPU), dtype (bf16 on a GPU), attention backend (the export's model.attention where it can
+run, or `attention` from the app args) are decided there and reported (`runtime()`, `/v1/models`). Before
+loading, a replica checks that the weights fit the memory it was given and refuses in one line otherwise.
+A deployment gets a GPU only by asking Ray for it: `ray_actor_options.num_gpus` (fractional allowed) in the
+serve config; with app arg `device: cuda` that defaults to 1.
+
+Each model deployment:
 - loads models with `@serve.multiplexed` (LRU, at most `max_models_per_replica` per replica), keyed by
   the model id the ingress puts on the request (`handle.options(multiplexed_model_id=...)`); the id is a
   key of the application's model catalog, whose values are export directories or MLflow registry URIs.
@@ -32,7 +41,10 @@ from ray import serve
 from .metrics import TaskMetrics
 from .tenants import Limiter
 
-DEPLOYMENT_NAMES = {"report": "ReportGenerator", "vqa": "VQA", "grounding": "Grounding", "generate": "ImageGenerator"}
+# task -> the deployment that serves it: the text tasks share one deployment (one copy of the weights)
+DEPLOYMENT_NAMES = {"report": "TextGenerator", "vqa": "TextGenerator", "grounding": "TextGenerator",
+                    "generate": "ImageGenerator"}
+MODEL_DEPLOYMENTS = ("TextGenerator", "ImageGenerator")
 TEXT_FIELD = {"report": "indication", "vqa": "question", "grounding": "phrase", "generate": "prompt"}
 DEFAULT_BATCH = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
 
@@ -46,9 +58,10 @@ class ModelCatalog:
     `runs/tiny/*/export`), or an MLflow URI (`models:/name/version`, `models:/name@alias`, `runs:/id/path`)
     downloaded once into `cache_dir`."""
 
-    def __init__(self, models: dict[str, str], device: str = "cpu", tracking_uri: str | None = None,
-                 cache_dir: str = "/tmp/cxrfm-model-cache"):
+    def __init__(self, models: dict[str, str], device: str = "auto", tracking_uri: str | None = None,
+                 cache_dir: str = "/tmp/cxrfm-model-cache", dtype: str = "auto", attention: str | None = None):
         self.models, self.device, self.tracking_uri, self.cache_dir = dict(models), device, tracking_uri, Path(cache_dir)
+        self.dtype, self.attention = dtype, attention
 
     def resolve(self, model_id: str) -> Path:
         if model_id not in self.models:
@@ -106,7 +119,9 @@ class ModelCatalog:
     def load(self, model_id: str):
         from cxrfm.model.generate import Predictor
 
-        return Predictor(self.resolve(model_id), device=self.device)
+        # Decided here, in the replica: device, dtype, attention; refuses weights that cannot fit.
+        return Predictor(self.resolve(model_id), device=self.device, dtype=self.dtype, attention=self.attention,
+                         check_memory=True)
 
 
 class _StepStreamer:
@@ -152,15 +167,17 @@ def stream_generate(predictor, requests: list[dict], max_new_tokens: int, push) 
 
 
 class _TaskBase:
-    """Shared by the task deployments; `task_deployment` adds the multiplexed loader per task."""
+    """Shared by the model deployments; `task_deployment` adds the multiplexed loader."""
 
-    task = "report"
+    task = "text"  # the metrics label; each request names its own task (report, vqa, grounding)
 
-    async def __init__(self, models: dict[str, str], default_model: str = "base", device: str = "cpu",
+    async def __init__(self, models: dict[str, str], default_model: str = "base", device: str = "auto",
                        mlflow_tracking_uri: str | None = None, model_cache_dir: str = "/tmp/cxrfm-model-cache",
-                       preload: list[str] | None = None, batch: dict | None = None):
-        self.catalog = ModelCatalog(models, device, mlflow_tracking_uri, model_cache_dir)
+                       preload: list[str] | None = None, batch: dict | None = None, dtype: str = "auto",
+                       attention: str | None = None):
+        self.catalog = ModelCatalog(models, device, mlflow_tracking_uri, model_cache_dir, dtype, attention)
         self.default_model = default_model
+        self.runtimes: dict[str, dict] = {}  # model id -> what it runs on in this replica
         self.metrics = TaskMetrics(self.task)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
         self.loads: Counter[str] = Counter()
@@ -178,6 +195,7 @@ class _TaskBase:
 
     async def _load(self, model_id: str):
         predictor = await asyncio.to_thread(self.catalog.load, model_id)
+        self.runtimes[model_id] = predictor.runtime.as_dict()
         self.loads[model_id] += 1
         self.metrics.model_loaded(model_id)
         return predictor
@@ -185,6 +203,10 @@ class _TaskBase:
     def stats(self) -> dict:
         """Batch sizes run and model loads on this replica (tests and the benchmark read them)."""
         return {"batch_sizes": list(self.batch_sizes), "loads": dict(self.loads), "served": dict(self.served)}
+
+    def runtime(self) -> dict[str, dict]:
+        """Per loaded model: device, dtype, attention backend (and why), fused kernels, in this replica."""
+        return dict(self.runtimes)
 
     def reset_stats(self) -> None:
         self.batch_sizes.clear()
@@ -201,16 +223,16 @@ class _TaskBase:
     def _request(self, item: dict) -> dict:
         from cxrfm.data.samples import report_prompt
 
-        text = item.get("text", "")
-        if self.task == "report":
+        text, task = item.get("text", ""), item.get("task", "report")
+        if task == "report":
             text = report_prompt(text, "prior" in item["images"])
-        return {"task": self.task, "images": item["images"], "text": text}
+        return {"task": task, "images": item["images"], "text": text}
 
-    def _format(self, answer, model_id: str) -> dict:
+    def _format(self, answer, model_id: str, task: str) -> dict:
         out = {"model": model_id, "tokens": answer.tokens}
-        if self.task == "vqa":
+        if task == "vqa":
             return {**out, "answer": answer.text}
-        if self.task == "grounding":
+        if task == "grounding":
             boxes = [dict(zip(("x1", "y1", "x2", "y2"), map(float, b))) for b in answer.boxes]
             return {**out, "text": answer.text, "boxes": boxes, "problems": list(answer.problems)}
         return {**out, "text": answer.text}
@@ -262,7 +284,7 @@ class _TaskBase:
                 elif isinstance(answer, Exception):
                     results[i] = error(500, "generation_failed", f"generation failed ({type(answer).__name__})")
                 else:
-                    results[i] = self._format(answer, model_id)
+                    results[i] = self._format(answer, model_id, items[i].get("task", "report"))
             self.served[model_id] += len(idx)
         return results
 
@@ -382,9 +404,11 @@ class _ImageGeneratorBase(_TaskBase):
         return results
 
 
-def task_deployment(task: str, max_models_per_replica: int = 3):
-    """The Serve deployment for a task. Built per application because `@serve.multiplexed` takes its
-    LRU size at decoration time and the size is application config."""
+def task_deployment(task: str, max_models_per_replica: int = 3, gpu: bool = False):
+    """The Serve deployment that serves `task` (TextGenerator for report/vqa/grounding, ImageGenerator for
+    generate). Built per application because `@serve.multiplexed` takes its LRU size at decoration time and
+    the size is application config. gpu: ask Ray for one GPU per replica (a serve config's
+    ray_actor_options replaces it, e.g. num_gpus: 0.5)."""
     base = _ImageGeneratorBase if task == "generate" else _TaskBase
 
     class TaskDeployment(base):
@@ -393,14 +417,14 @@ def task_deployment(task: str, max_models_per_replica: int = 3):
             return await self._load(model_id)
 
     name = DEPLOYMENT_NAMES[task]
-    TaskDeployment.task = task
+    TaskDeployment.task = base.task
     TaskDeployment.__name__ = TaskDeployment.__qualname__ = name
     # Defaults for a real node; serve config files override any of them per deployment.
     return serve.deployment(
         TaskDeployment, name=name, max_ongoing_requests=16, max_queued_requests=64, graceful_shutdown_timeout_s=30,
         autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4,
                             "upscale_delay_s": 10, "downscale_delay_s": 120},
-        ray_actor_options={"num_cpus": 1}, user_config=dict(DEFAULT_BATCH),
+        ray_actor_options={"num_cpus": 1, **({"num_gpus": 1} if gpu else {})}, user_config=dict(DEFAULT_BATCH),
     )
 
 

@@ -1,10 +1,10 @@
 """`cxrfm bench serve`: the serving application under a bounded HTTP load on loopback.
 
-1. Batching: one ReportGenerator replica, the same deployment measured with `@serve.batch`
+1. Batching: one TextGenerator replica, the same deployment measured with `@serve.batch`
    (max_batch_size N) and with max_batch_size=1 (the baseline), alternating per concurrency level in one
    run. Each level sends a fixed number of requests (and stops at a time cap): p50/p95/p99 latency,
    requests/s, the mean batch the deployment actually ran, and errors.
-2. Autoscaling: the ReportGenerator with min 1 / max N replicas under a load phase, then idle; prints
+2. Autoscaling: the TextGenerator with min 1 / max N replicas under a load phase, then idle; prints
    the replica count over time (it should rise under load and fall back after it).
 
 Everything runs on a private local Ray instance (`address="local"`) bound to 127.0.0.1. Without
@@ -35,7 +35,7 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=8)
     p.add_argument("--batch-wait-s", type=float, default=0.05)
     p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of a ReportGenerator replica")
+    p.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of a TextGenerator replica")
     p.add_argument("--autoscale-max", type=int, default=3, help="max replicas in the autoscaling run (0: skip it)")
     p.add_argument("--autoscale-concurrency", type=int, default=12)
     p.add_argument("--autoscale-load-s", type=float, default=60.0)
@@ -104,7 +104,7 @@ def _deploy(args, export: str, store: str, autoscaling: dict | None) -> None:
               "user_config": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s}}
     report.update({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": 1, "autoscaling_config": None})
     small = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}}
-    options = {"Ingress": {**small, "max_ongoing_requests": 512, "max_queued_requests": 1024}, "ReportGenerator": report}
+    options = {"Ingress": {**small, "max_ongoing_requests": 512, "max_queued_requests": 1024}, "TextGenerator": report}
     serve.run(build_app({"tenants": store, "models": {"base": export}, "tasks": ["report"], "deployment_options": options}),
               name=APP, route_prefix="/")
 
@@ -112,7 +112,7 @@ def _deploy(args, export: str, store: str, autoscaling: dict | None) -> None:
 def batching_table(args, url: str, key: str) -> list[dict]:
     from ray import serve
 
-    handle = serve.get_deployment_handle("ReportGenerator", APP)
+    handle = serve.get_deployment_handle("TextGenerator", APP)
     body, rows = _body(args.max_new_tokens), []
     asyncio.run(load(url, key, body, 2, 4, 60))  # warm-up: first-call costs out of the table
     for level in [int(x) for x in args.levels.split(",")]:
@@ -141,7 +141,7 @@ def print_table(rows: list[dict]) -> None:
 def replica_count() -> dict[str, int]:
     from ray import serve
 
-    dep = serve.status().applications[APP].deployments["ReportGenerator"]
+    dep = serve.status().applications[APP].deployments["TextGenerator"]
     return {str(getattr(k, "value", k)): v for k, v in dep.replica_states.items()}
 
 
@@ -204,7 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     key = add_tenant(store, Tenant(name="bench", tasks=["report"], rate_per_s=1e6, burst=10**6, max_concurrency=10**6))
     port = _free_port()
     print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores ({_cpu_name()}); model: {export}")
-    print(f"report, max_new_tokens={args.max_new_tokens}, ReportGenerator num_cpus={args.replica_cpus}")
+    print(f"report, max_new_tokens={args.max_new_tokens}, TextGenerator num_cpus={args.replica_cpus}")
     ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})

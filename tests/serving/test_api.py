@@ -62,7 +62,11 @@ def test_task_and_model_permissions(server):
                     headers={"serve_multiplexed_model_id": "acme-ft"})
     assert r.status_code == 200 and r.json()["model"] == "beta-ft"  # beta's default model
     listing = requests.get(server.url + "/v1/models", headers=server.headers("beta"), timeout=30).json()
+    runtime = listing.pop("runtime")
     assert listing == {"models": ["base", "beta-ft"], "default_model": "beta-ft", "tasks": ["report", "vqa"]}
+    # the default model is loaded at replica start; the replica says what it runs it on
+    assert {"deployment": "TextGenerator", "model": "base", "device": "cpu", "dtype": "float32", "attention": "sdpa",
+            "attn_implementation": "sdpa"}.items() <= next(r for r in runtime if r["model"] == "base").items()
 
 
 # ---- limits ---------------------------------------------------------------------------------------
@@ -94,8 +98,8 @@ def test_overload_is_shed_with_503(server):
     def one(_):
         return server.post("/v1/grounding", "acme", json=study(phrase="effusion", max_new_tokens=24))
 
-    with ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(8)))
+    with ThreadPoolExecutor(16) as pool:  # TextGenerator: 8 running + 2 waiting, the rest is shed
+        results = list(pool.map(one, range(16)))
     shed = [r for r in results if r.status_code == 503]
     assert shed and any(r.status_code == 200 for r in results), [r.status_code for r in results]
     assert all(error_of(r)["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1 for r in shed)
@@ -151,10 +155,10 @@ def test_bad_input_gets_a_json_error(server, case):
 
 
 def test_replicas_survive_bad_input(server):
-    before = server.stats("ReportGenerator")
+    before = server.stats("TextGenerator")
     r = server.post("/v1/report", "acme", json=study(indication="after the bad inputs", max_new_tokens=2))
     assert r.status_code == 200 and r.json()["tokens"] <= 2
-    assert server.stats("ReportGenerator")["loads"] == before["loads"]  # same replica, nothing reloaded
+    assert server.stats("TextGenerator")["loads"] == before["loads"]  # same replica, nothing reloaded
 
 
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
@@ -182,11 +186,11 @@ def test_report_streams_tokens_as_server_sent_events(server):
 
 
 def test_concurrent_requests_are_batched(server):
-    server.handle("ReportGenerator").reset_stats.remote().result(timeout_s=30)
+    server.handle("TextGenerator").reset_stats.remote().result(timeout_s=30)
     with ThreadPoolExecutor(6) as pool:
         results = list(pool.map(lambda i: server.post("/v1/report", "acme", json=study(max_new_tokens=4)), range(6)))
     assert [r.status_code for r in results] == [200] * 6
-    sizes = server.stats("ReportGenerator")["batch_sizes"]
+    sizes = server.stats("TextGenerator")["batch_sizes"]
     assert sum(sizes) == 6 and max(sizes) > 1, sizes
 
 
@@ -195,12 +199,12 @@ def test_tenant_models_load_once_then_lru(server):
         r = server.post("/v1/vqa", "acme", json=study(question="effusion?", model=model, max_new_tokens=1))
         assert r.status_code == 200 and r.json()["model"] == model, r.text
 
-    loads = lambda: server.stats("VQA")["loads"]  # noqa: E731
+    loads = lambda: server.stats("TextGenerator")["loads"]  # noqa: E731
     assert loads().get("acme-ft", 0) == 0
     ask("acme-ft")
     ask("acme-ft")
     assert loads()["acme-ft"] == 1  # second request served from memory
-    assert server.stats("VQA")["served"]["acme-ft"] == 2
+    assert server.stats("TextGenerator")["served"]["acme-ft"] == 2
     base_loads = loads()["base"]
     ask("acme-v2")  # two models per replica: the least recently used (base) goes
     ask("base")
@@ -264,3 +268,12 @@ def test_prometheus_has_serve_and_per_tenant_metrics(server):
     assert not missing, missing
     slow = [line for line in text.splitlines() if line.startswith("ray_cxrfm_rejections_total") and 'tenant="slow"' in line]
     assert slow and all(float(line.rsplit(" ", 1)[1]) >= 1 for line in slow)
+
+
+def test_replicas_run_the_attention_backend_each_export_names(server):
+    # acme-ft's export was trained with model.attention=eager; base with sdpa (tests/serving/conftest.py)
+    r = server.post("/v1/vqa", "acme", json=study(question="effusion?", model="acme-ft", max_new_tokens=1))
+    assert r.status_code == 200, r.text
+    listing = requests.get(server.url + "/v1/models", headers=server.headers("acme"), timeout=30).json()
+    attention = {x["model"]: x["attention"] for x in listing["runtime"] if x["deployment"] == "TextGenerator"}
+    assert attention["acme-ft"] == "eager" and attention.get("base", "sdpa") == "sdpa", listing["runtime"]

@@ -102,3 +102,40 @@ def test_models_from_an_mlflow_registry(tmp_path, tiny_exports):
     assert catalog.resolve("tenant-ft") == catalog.resolve("tenant-ft")  # downloaded once, then cached
     with pytest.raises(KeyError, match="catalog"):
         catalog.resolve("../../etc")  # request data never names a path
+
+
+def _model_deployments(app) -> dict:
+    """task -> the bound model deployment behind the Ingress of a built application."""
+    return {task: bound._bound_deployment for task, bound in app._bound_deployment.init_args[1].items()}
+
+
+def test_text_tasks_share_one_deployment_and_device_cuda_asks_ray_for_gpus():
+    deps = _model_deployments(build_app({"tenants": "t.yaml", "model_dir": "/m", "device": "cuda"}))
+    assert {t: d.name for t, d in deps.items()} == {"report": "TextGenerator", "vqa": "TextGenerator",
+                                                    "grounding": "TextGenerator", "generate": "ImageGenerator"}
+    assert deps["report"] is deps["vqa"] is deps["grounding"]  # one copy of the weights per replica
+    for dep in deps.values():
+        assert dep.ray_actor_options["num_gpus"] == 1 and dep.init_kwargs["device"] == "cuda"
+    # a serve config's options (here fractional GPUs) replace the default
+    shared = build_app({"tenants": "t.yaml", "model_dir": "/m", "device": "cuda", "dtype": "bfloat16",
+                        "deployment_options": {"TextGenerator": {"ray_actor_options": {"num_cpus": 1, "num_gpus": 0.5}}}})
+    text = _model_deployments(shared)["report"]
+    assert text.ray_actor_options["num_gpus"] == 0.5 and text.init_kwargs["dtype"] == "bfloat16"
+    for device in ("auto", "cpu"):  # no GPU asked for: replicas decide with what they were given
+        for dep in _model_deployments(build_app({"tenants": "t.yaml", "model_dir": "/m", "device": device})).values():
+            assert "num_gpus" not in dep.ray_actor_options
+
+
+def test_a_cuda_serve_config_whose_deployments_ask_for_no_gpu_is_refused():
+    config = yaml.safe_load(TINY.read_text())
+    (app,) = config["applications"]
+    app["args"]["device"] = "cuda"
+    with pytest.raises(ConfigError, match="TextGenerator.*num_gpus"):
+        check_config(config)
+    for dep in app["deployments"]:
+        if dep["name"] in ("TextGenerator", "ImageGenerator"):
+            dep["ray_actor_options"]["num_gpus"] = 0.5
+    check_config(config)
+    app["args"]["device"] = "gpu"
+    with pytest.raises(ConfigError, match="device"):
+        check_config(config)
