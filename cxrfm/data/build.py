@@ -195,8 +195,10 @@ def build_from_source(cfg: DataConfig, out: str | Path, on_shard_done: Callable[
     records = count_duplicates(records, report)
     report.note("studies_scanned", len(records))
     if not records:
+        out.mkdir(parents=True, exist_ok=True)
+        path = report.write(out)  # the counts and examples say why; write them before failing
         raise ValueError(f"no usable studies found for source {cfg.source!r} under {root}; "
-                         f"skipped: {report.counts} (see the examples in the build report)")
+                         f"skipped: {report.counts}; examples of each in {path}")
     plan = plan_shards(records, cfg.shard_size)
     settings = {"source": cfg.source, "shard_size": cfg.shard_size, "image_size": cfg.image_size,
                 "schema": SCHEMA_VERSION, "seed": cfg.seed, "num_studies": cfg.num_studies}
@@ -238,11 +240,11 @@ def build_from_source(cfg: DataConfig, out: str | Path, on_shard_done: Callable[
     for entry in entries:
         report.merge(entry["report"])
     report.note("studies_written", sum(e["samples"] for e in entries))
-    report.write(out)
+    report_path = report.write(out)
     train_texts = _train_texts(out, entries)
     if not train_texts:
-        raise ValueError(f"no training studies with text in {out} (skipped: {report.counts}); "
-                         "raise data.num_studies or check the source's split assignment")
+        raise ValueError(f"no training studies with text in {out} (skipped: {report.counts}; examples of each in "
+                         f"{report_path}); raise data.num_studies or check the source's split assignment")
     tokenizer = train_tokenizer(train_texts, vocab_size=cfg.vocab_size)
     tokenizer.save_pretrained(str(out / "tokenizer"))
     return write_manifest(out, [{k: v for k, v in e.items() if k not in ("report", "records")} for e in entries])

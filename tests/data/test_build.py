@@ -164,3 +164,31 @@ def test_converter_errors_are_counted_not_fatal(tmp_path, monkeypatch):
     assert report["skipped"] == {"converter_error": 2, "image_corrupt_image": 1}
     assert "KeyError" in report["examples"]["converter_error"][0]["detail"]
     assert manifest["splits"]["train"]["studies"] == 1
+
+
+def test_a_build_that_skips_everything_still_writes_its_report(tmp_path, capsys):
+    from .sources.fixtures_labels import write_chexpert, write_rsna
+
+    # every image missing: nothing survives the scan
+    write_chexpert(tmp_path / "cx")
+    for jpg in (tmp_path / "cx").rglob("*.jpg"):
+        jpg.unlink()
+    out = tmp_path / "out_cx"
+    rc = main(["data", "build", "--source", "chexpert", "--root", str(tmp_path / "cx"), "--out", str(out),
+               "--workers", "1"])
+    err = capsys.readouterr().err
+    assert rc == 2 and str(out / "build_report.json") in err
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["skipped"] == {"image_missing_file": 5, "study_without_usable_image": 4}
+    assert report["examples"]["image_missing_file"][0]["item"].endswith(".jpg")
+
+    # every image unreadable: the scan keeps the studies, loading skips them all
+    write_rsna(tmp_path / "rsna")
+    for dcm in (tmp_path / "rsna").rglob("*.dcm"):
+        dcm.write_bytes(b"\x00" * 128 + b"DICM" + b"\x02\x00\x00\x00truncated")
+    out = tmp_path / "out_rsna"
+    with pytest.raises(ValueError, match="examples of each in .*build_report.json"):
+        build_from_source(DataConfig(source="rsna_pneumonia", root=str(tmp_path / "rsna"), num_workers=1,
+                                     vocab_size=300), out)
+    report = json.loads((out / "build_report.json").read_text())
+    assert report["skipped"]["image_corrupt_dicom"] == 3 and report["notes"]["studies_written"] == 0

@@ -117,6 +117,7 @@ class Converter:
 
     name: str = ""
     license: str = "unknown"
+    layouts: tuple[str, ...] = ()  # the download layouts scan() accepts, in words (errors and the README list them)
 
     def __init__(self, cfg=None) -> None:
         from cxrfm.config import DataConfig
@@ -141,6 +142,11 @@ class Converter:
                 continue
             if result is not None:
                 yield result
+
+    def layout_error(self, root: Path | str | None, missing: str) -> FileNotFoundError:
+        """The error for a root that holds none of the accepted layouts: what is missing, then every layout."""
+        accepted = "; ".join(f"({i + 1}) {x}" for i, x in enumerate(self.layouts))
+        return FileNotFoundError(f"{root}: {missing}. Accepted {self.name} layouts under --root: {accepted}")
 
     # -- small helpers for subclasses --
     def read(self, path: str | Path, item: str, report: BuildReport) -> np.ndarray | None:

@@ -54,6 +54,8 @@ def _read_list(path: Path | None) -> set[str]:
 class Converter(base.Converter):
     name = "chestxray8"
     license = "NIH Clinical Center ChestX-ray8/14: unrestricted use, cite Wang et al. CVPR 2017"
+    layouts = ("Data_Entry_2017_v2020.csv (or Data_Entry_2017.csv), train_val_list.txt, test_list.txt, optional "
+               "BBox_List_2017.csv, and the PNGs anywhere below root (images/ or images_001/images/ ...)",)
 
     def _boxes(self, path: Path | None, report: base.BuildReport) -> dict[str, dict[str, list]]:
         """Image Index -> {label: [[x, y, w, h], ...]} from BBox_List_2017.csv (read by position: its header
@@ -78,12 +80,11 @@ class Converter(base.Converter):
         root = Path(root)
         entry = _find(root, "Data_Entry_2017_v2020.csv", "Data_Entry_2017.csv", "Data_Entry*.csv")
         if entry is None:
-            raise FileNotFoundError(f"{root}: no Data_Entry_2017_v2020.csv / Data_Entry_2017.csv; point --root at "
-                                    "the ChestX-ray8 (NIH) download with the images extracted below it")
+            raise self.layout_error(root, "no Data_Entry_2017_v2020.csv / Data_Entry_2017.csv")
         test = _read_list(_find(root, "test_list.txt", "test_list*.txt"))
         train_val = _read_list(_find(root, "train_val_list.txt", "train_val_list*.txt"))
         if not test and not train_val:
-            raise FileNotFoundError(f"{root}: no train_val_list.txt / test_list.txt; they define the official split")
+            raise self.layout_error(root, "no train_val_list.txt / test_list.txt (they define the official split)")
         boxes = self._boxes(_find(root, "BBox_List_2017.csv"), report)
         pngs = {p.name: p for p in root.rglob("*.png")}
         report.note("chestxray8_pngs_found", len(pngs))

@@ -50,6 +50,7 @@ def find_release(root: Path) -> Path | None:
 class Converter(BaseConverter):
     name = "chexpert"
     license = "Stanford University School of Medicine CheXpert Dataset Research Use Agreement"
+    layouts = LAYOUTS
 
     def _image(self, release: Path, rel: str) -> Path:
         rel_path = Path(rel.replace("\\", "/"))

@@ -44,6 +44,8 @@ def study_key(path: str) -> tuple[str, str] | None:
 class Converter(BaseConverter):
     name = "chexpert_plus"
     license = "Stanford University Dataset Research Use Agreement (CheXpert Plus)"
+    layouts = ("df_chexpert_plus_*.csv with PNG/ (or the CheXpert .jpg tree, or DICOM/), and labels from "
+               "chexbert_labels/*.json or CheXpert's train.csv / valid.csv",)
 
     def _labels(self, root: Path, report: BuildReport) -> dict[tuple[str, str], dict]:
         """(patient, study) -> {label: value} from the first label file found (all rows of a study merged)."""
@@ -80,7 +82,9 @@ class Converter(BaseConverter):
     def scan(self, root: Path, report: BuildReport) -> list[StudyRecord]:
         tables = sorted(root.glob("df_chexpert_plus*.csv"))
         if not tables:
-            raise FileNotFoundError(f"{root}: no df_chexpert_plus_*.csv; data.root must be the CheXpert Plus folder")
+            hint = " (this looks like CheXpert v1.0: use --source chexpert)" if (root / "train.csv").is_file() or any(
+                (root / d).is_dir() for d in ("CheXpert-v1.0-small", "CheXpert-v1.0")) else ""
+            raise self.layout_error(root, f"no df_chexpert_plus_*.csv{hint}")
         report.note("report_table", tables[-1].name)  # the newest release if several
         labels_of = self._labels(root, report)
         studies: dict[tuple[str, str], dict] = {}

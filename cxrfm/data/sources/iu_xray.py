@@ -91,6 +91,8 @@ def parse_openi_xml(path: Path) -> dict:
 class Converter(BaseConverter):
     name = "iu_xray"
     license = "CC BY-NC-ND 4.0 (Open-i, Indiana University)"
+    layouts = ("R2Gen: annotation.json with images/<id>/0.png, 1.png",
+               "Open-i: ecgen-radiology/*.xml with NLMCXR_png/*.png (or NLMCXR_dcm/*.dcm)")
 
     def _xml_reports(self, root: Path, report: BuildReport) -> dict[str, dict]:
         folder = root / "ecgen-radiology"
@@ -128,8 +130,7 @@ class Converter(BaseConverter):
                 entries.append({"id": f"CXR{number}", "split": None, "report": "",
                                 "images": [self._openi_image(root, i) for i in sorted(x["images"])]})
         else:
-            raise FileNotFoundError(f"{root}: neither annotation.json (R2Gen) nor ecgen-radiology/*.xml (Open-i) "
-                                    "found; data.root must be the IU X-ray folder")
+            raise self.layout_error(root, "neither annotation.json (R2Gen) nor ecgen-radiology/*.xml (Open-i) found")
         records, seen = [], set()
         for e in entries:
             m = _REPORT_NO.match(e["id"] + "_")

@@ -64,12 +64,12 @@ def _order(study: dict) -> tuple:
 class Converter(base.Converter):
     name = "medical_diff_vqa"
     license = "PhysioNet Credentialed Health Data License 1.5.0 (Medical-Diff-VQA; images: MIMIC-CXR-JPG)"
+    layouts = ("mimic_all.csv and mimic_pair_questions.csv with MIMIC-CXR-JPG's files/ tree (a symlink works)",)
 
     def _studies(self, root: Path, report: base.BuildReport) -> dict[str, dict]:
         path = root / "mimic_all.csv"
         if not path.is_file():
-            raise FileNotFoundError(f"{root}: no mimic_all.csv; point --root at the Medical-Diff-VQA download, with "
-                                    "MIMIC-CXR-JPG's files/ folder (or a symlink to it) inside")
+            raise self.layout_error(root, "no mimic_all.csv")
         studies = {}
         for row in _read(path):
             study, subject = _id(row.get("study_id")), _id(row.get("subject_id"))
@@ -97,8 +97,7 @@ class Converter(base.Converter):
         studies = self._studies(root, report)
         qpath = root / "mimic_pair_questions.csv"
         if not qpath.is_file():
-            raise FileNotFoundError(f"{root}: no mimic_pair_questions.csv; point --root at the Medical-Diff-VQA "
-                                    "download")
+            raise self.layout_error(root, "no mimic_pair_questions.csv")
         rows = _read(qpath)
         report.note("medical_diff_vqa_questions", len(rows))
         per_study: dict[str, dict] = {}

@@ -43,6 +43,8 @@ def _iso(date: str, time: str) -> str | None:
 class Converter(BaseConverter):
     name = "mimic_cxr"
     license = "PhysioNet Credentialed Health Data License 1.5.0"
+    layouts = ("MIMIC-CXR-JPG: mimic-cxr-2.0.0-metadata.csv(.gz), -split.csv, -chexpert.csv, files/p1X/p<subject>/"
+               "s<study>/<dicom_id>.jpg (or .dcm) and the report files/p1X/p<subject>/s<study>.txt",)
 
     def _report_dirs(self, root: Path) -> list[Path]:
         return [d for d in (root / "files", root / "reports" / "files", root / "mimic-cxr-reports" / "files") if d.is_dir()]
@@ -50,8 +52,7 @@ class Converter(BaseConverter):
     def scan(self, root: Path, report: BuildReport) -> list[StudyRecord]:
         meta_path = find_file(root, "mimic-cxr-2.0.0-metadata.csv")
         if meta_path is None:
-            raise FileNotFoundError(f"{root}: mimic-cxr-2.0.0-metadata.csv(.gz) not found; data.root must be the "
-                                    "MIMIC-CXR-JPG folder that holds it and files/")
+            raise self.layout_error(root, "mimic-cxr-2.0.0-metadata.csv(.gz) not found")
         split_path = find_file(root, "mimic-cxr-2.0.0-split.csv")
         label_path = find_file(root, "mimic-cxr-2.0.0-chexpert.csv")
         report.note("official_split", split_path is not None)

@@ -34,11 +34,14 @@ SPLITS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "
 VIEWS = {"PA": "PA", "AP": "AP", "LATERAL": "LATERAL", "LL": "LL"}
 
 
+LAYOUTS = ("MS_CXR_Local_Alignment_v1.1.0.csv (or v1.0.0, or the .json) with MIMIC-CXR-JPG's files/ tree (a "
+           "symlink works) and optionally mimic-cxr-2.0.0-metadata.csv",)
+
 def find_annotations(root: Path) -> Path:
     found = sorted(root.glob("MS_CXR_Local_Alignment_v*.csv")) or sorted(root.glob("MS_CXR_Local_Alignment_v*.json"))
     if not found:
-        raise FileNotFoundError(f"{root}: no MS_CXR_Local_Alignment_v*.csv (or .json) found; point --root at the "
-                                "MS-CXR download, with MIMIC-CXR-JPG's files/ folder (or a symlink to it) inside")
+        raise FileNotFoundError(f"{root}: no MS_CXR_Local_Alignment_v*.csv (or .json) found. Accepted ms_cxr "
+                                f"layouts under --root: {'; '.join(LAYOUTS)}")
     return found[-1]  # the newest release when several are present
 
 
@@ -82,6 +85,7 @@ def read_mimic_metadata(root: Path, dicom_ids: set[str]) -> dict[str, dict]:
 class Converter(base.Converter):
     name = "ms_cxr"
     license = "PhysioNet Credentialed Health Data License 1.5.0 (MS-CXR; images: MIMIC-CXR-JPG, same license)"
+    layouts = LAYOUTS
 
     def scan(self, root: Path, report: base.BuildReport) -> list[base.StudyRecord]:
         root = Path(root)

@@ -83,6 +83,7 @@ def parse_labels(text: str) -> list[str]:
 class Converter(BaseConverter):
     name = "padchest"
     license = "PadChest Dataset Research Use Agreement (BIMCV)"
+    layouts = LAYOUTS
 
     def scan(self, root: Path, report: BuildReport) -> list[StudyRecord]:
         root = Path(root)

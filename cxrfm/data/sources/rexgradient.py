@@ -52,6 +52,8 @@ def _iso_date(value: str) -> str | None:
 class Converter(BaseConverter):
     name = "rexgradient"
     license = "ReXGradient-160K Data Use Agreement (non-commercial research)"
+    layouts = ("metadata/{train,valid,test}_metadata.json or .csv (or in root) with the images at their ImagePath "
+               "(deid_png/...)",)
 
     def _metadata_files(self, root: Path) -> list[tuple[str, Path]]:
         found = []
@@ -72,8 +74,7 @@ class Converter(BaseConverter):
     def scan(self, root: Path, report: BuildReport) -> list[StudyRecord]:
         files = self._metadata_files(root)
         if not files:
-            raise FileNotFoundError(f"{root}: no train/valid/test_metadata.json or .csv (in metadata/ or the root); "
-                                    "data.root must be the ReXGradient-160K folder")
+            raise self.layout_error(root, "no train/valid/test_metadata.json or .csv (in metadata/ or the root)")
         report.note("metadata_files", [str(p.relative_to(root)) for _, p in files])
         studies: dict[str, dict] = {}
         for split, path in files:

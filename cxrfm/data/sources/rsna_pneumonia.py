@@ -40,6 +40,7 @@ PHRASE = "lung opacity"
 class Converter(BaseConverter):
     name = "rsna_pneumonia"
     license = "RSNA Pneumonia Detection Challenge data: non-commercial research use (NIH ChestX-ray14 images)"
+    layouts = LAYOUTS
 
     def scan(self, root: Path, report: BuildReport) -> list[StudyRecord]:
         root = Path(root)

@@ -60,6 +60,7 @@ def mask_boxes(mask: np.ndarray) -> list[tuple[float, float, float, float]]:
 class Converter(BaseConverter):
     name = "siim_pneumothorax"
     license = "SIIM-ACR Pneumothorax Segmentation data: non-commercial research use (NIH ChestX-ray14 images)"
+    layouts = LAYOUTS
 
     def scan(self, root: Path, report: BuildReport) -> list[StudyRecord]:
         root = Path(root)

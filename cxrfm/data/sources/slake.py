@@ -33,12 +33,15 @@ QTYPES = {"abnormality": "presence", "position": "location", "quantity": "count"
 CHEST = re.compile(r"chest|lung|heart|mediastin", re.IGNORECASE)
 
 
+LAYOUTS = ("Slake1.0/train.json, validate.json (or validation.json), test.json with Slake1.0/imgs/ (or the same "
+           "files without the Slake1.0/ folder)",)
+
 def dataset_dir(root: Path) -> Path:
     for d in (root / "Slake1.0", root):
         if (d / "train.json").is_file() or (d / "test.json").is_file():
             return d
-    raise FileNotFoundError(f"{root}: no Slake1.0/train.json or test.json; point --root at the SLAKE download "
-                            "(the folder holding Slake1.0/ with its imgs/ extracted)")
+    raise FileNotFoundError(f"{root}: no Slake1.0/train.json or test.json. Accepted slake layouts under --root: "
+                            f"{'; '.join(LAYOUTS)}")
 
 
 def is_xray(modality: str) -> bool:
@@ -48,6 +51,7 @@ def is_xray(modality: str) -> bool:
 class Converter(base.Converter):
     name = "slake"
     license = "CC BY 4.0 (SLAKE, Liu et al. 2021)"
+    layouts = LAYOUTS
 
     def scan(self, root: Path, report: base.BuildReport) -> list[base.StudyRecord]:
         root = Path(root)

@@ -112,6 +112,7 @@ def _reader(row: dict) -> str:
 class Converter(base.Converter):
     name = "vindr_cxr"
     license = "PhysioNet Credentialed Health Data License 1.5.0 (VinDr-CXR)"
+    layouts = LAYOUTS
 
     def _votes(self, rows: list[dict]) -> dict[str, dict]:
         """image_id -> {"readers": set, "positive": Counter of label -> readers marking it}."""

@@ -37,6 +37,8 @@ XRAY = re.compile(r"\b(x-?ray|xr|radiograph\w*|plain film|cxr)\b", re.IGNORECASE
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png"}
 
 
+LAYOUTS = ("'VQA_RAD Dataset Public.json' with the images ('VQA_RAD Image Folder/') anywhere below root",)
+
 def qtype_of(question_type: str) -> str:
     first = re.split(r"[,/ ]+", str(question_type).strip().upper())[0]
     return QTYPES.get(first, "other")
@@ -64,14 +66,15 @@ def view_from_plane(answer: str) -> str | None:
 def find_questions(root: Path) -> Path:
     hits = sorted(root.glob("VQA_RAD Dataset Public.json")) or sorted(root.rglob("VQA_RAD*.json"))
     if not hits:
-        raise FileNotFoundError(f"{root}: no 'VQA_RAD Dataset Public.json'; point --root at the VQA-RAD download "
-                                "(the folder holding the JSON and 'VQA_RAD Image Folder')")
+        raise FileNotFoundError(f"{root}: no 'VQA_RAD Dataset Public.json'. Accepted vqa_rad layouts under --root: "
+                                f"{'; '.join(LAYOUTS)}")
     return hits[0]
 
 
 class Converter(base.Converter):
     name = "vqa_rad"
     license = "CC0 1.0 (VQA-RAD, Lau et al. 2018)"
+    layouts = LAYOUTS
 
     def scan(self, root: Path, report: base.BuildReport) -> list[base.StudyRecord]:
         root = Path(root)

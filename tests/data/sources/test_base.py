@@ -87,3 +87,15 @@ def test_build_report_examples_capped_and_merged():
     j = a.to_json()
     assert j["skipped"] == {"missing_file": 31} and j["skipped_total"] == 31 and j["flagged"] == {"impression_only": 1}
     assert len(j["examples"]["missing_file"]) == 20 and j["notes"] == {"rows": 3}
+
+
+@pytest.mark.parametrize("name", sorted(set(SOURCES) - {"synthetic"}))
+def test_layout_not_found_lists_every_accepted_layout(tmp_path, name):
+    converter = get_converter(name)()
+    assert converter.layouts, f"{name} declares no accepted layouts"
+    with pytest.raises(FileNotFoundError) as err:
+        converter.scan(tmp_path, BuildReport())
+    message = str(err.value)
+    assert str(tmp_path) in message
+    for layout in converter.layouts:
+        assert layout in message, f"{name}: {layout!r} missing from {message!r}"
