@@ -21,24 +21,7 @@ import os
 
 import torch
 
-# dense bf16 tensor-core peak, TFLOP/s (datasheet, without sparsity); matched against the device name in order
-PEAK_BF16_TFLOPS = (
-    ("H200", 989.0),
-    ("H100 PCIe", 756.0),
-    ("H100 NVL", 835.0),
-    ("H100", 989.0),
-    ("H800", 989.0),
-    ("A100", 312.0),
-    ("L40S", 362.0),
-    ("A10G", 70.0),
-)
-
-
-def gpu_peak_tflops(name: str) -> float | None:
-    for key, peak in PEAK_BF16_TFLOPS:
-        if key in name:
-            return peak
-    return None
+from cxrfm.model.runtime import PEAK_BF16_TFLOPS, gpu_peak_tflops  # noqa: E402,F401 - re-exported here
 
 
 def attention_flops(batch, heads, seqlen, head_dim, causal, mode):

@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from cxrfm.bench.attention import gpu_peak_tflops
+from cxrfm.model.runtime import gpu_peak_tflops
+from cxrfm.model.summary import train_flops
 from cxrfm.config import load_config
 from cxrfm.model.build import IMAGE_TOKEN_ID
 
@@ -55,24 +56,6 @@ def _batch(cfg, vocab: int, batch: int, device, seed: int = 0) -> dict:
     }
 
 
-def _flops_per_step(model, cfg, batch: int) -> float:
-    """Matmul FLOPs of one step (forward + backward = 3 x forward), PaLM appendix B style.
-
-    Counted: 6 x (LM params except the embedding table, which is a lookup) x tokens; the LM head only
-    on the answer half, where the loss is computed; 6 x ViT params x patches; the attention score and
-    value products (causal LM: half of the square)."""
-    lm_body = sum(p.numel() for n, p in model.language.named_parameters()
-                  if "embed_tokens" not in n and "lm_head" not in n)
-    head = model.language.lm_head.weight.numel()
-    vit = sum(p.numel() for p in model.vision.parameters())
-    T, L, D = cfg.data.max_seq_len, cfg.model.language.num_layers, cfg.model.language.hidden_size
-    patches = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
-    Lv, Dv = cfg.model.vision.num_layers, cfg.model.vision.hidden_size
-    dense = 6 * lm_body * T * batch + 6 * head * (T // 2) * batch + 6 * vit * patches * batch
-    attn = 6 * L * D * T * T * batch + 12 * Lv * Dv * patches * patches * batch
-    return float(dense + attn)
-
-
 def _run_variant(base, backend: str, fused: bool, args, device) -> dict:
     from cxrfm.attention import AttentionBackendError
     from cxrfm.model.build import build_model
@@ -108,7 +91,7 @@ def _run_variant(base, backend: str, fused: bool, args, device) -> dict:
     step_s = sorted(times)[len(times) // 2]
     tokens = args.batch * cfg.data.max_seq_len
     out = {"step_ms": step_s * 1e3, "tokens_s": tokens / step_s, "loss": losses[-1], "impl": impl,
-           "tflops": _flops_per_step(model, cfg, args.batch) / step_s / 1e12}
+           "tflops": train_flops(model, cfg, args.batch) / step_s / 1e12}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
     del model, opt

@@ -130,6 +130,26 @@ def resolve_runtime(cfg: ModelConfig, device: torch.device, dtype: torch.dtype |
     return runtime
 
 
+# dense bf16 tensor-core peak, TFLOP/s (datasheet, without sparsity); matched against the device name in order
+PEAK_BF16_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 PCIe", 756.0),
+    ("H100 NVL", 835.0),
+    ("H100", 989.0),
+    ("H800", 989.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("A10G", 70.0),
+)
+
+
+def gpu_peak_tflops(name: str) -> float | None:
+    for key, peak in PEAK_BF16_TFLOPS:
+        if key in name:
+            return peak
+    return None
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Memory: refuse with one line before an out-of-memory crash
 

@@ -60,7 +60,7 @@ class _Window:
     # tokens/generate counts images (its loss is a per-image diffusion MSE, not a token cross-entropy)
     # findings: the auxiliary vision loss (model.finding_loss_weight); its count is labeled observations
     KEYS = ([f"loss_sum/{t}" for t in LOGGED] + [f"tokens/{t}" for t in LOGGED]
-            + ["samples", "truncated", "wait_s", "step_s"] + [f"skipped/{r}" for r in SKIP_REASONS[1:]])
+            + ["samples", "rows", "seq_tokens", "truncated", "wait_s", "step_s"] + [f"skipped/{r}" for r in SKIP_REASONS[1:]])
 
     def __init__(self):
         self.sums = defaultdict(float)
@@ -108,7 +108,8 @@ def train_loop_per_worker(config: dict) -> None:
     from ray.train import Checkpoint
 
     from cxrfm.model.build import build_model
-    from cxrfm.model.runtime import resolve_device
+    from cxrfm.model.runtime import gpu_peak_tflops, resolve_device
+    from cxrfm.model.summary import train_flops
     from cxrfm.text.tokenizer import load_tokenizer
     from cxrfm.train.deepspeed_config import deepspeed_config, make_optimizer, make_scheduler
     from cxrfm.train.tracking import MetricLogger
@@ -130,6 +131,8 @@ def train_loop_per_worker(config: dict) -> None:
     ds_cfg = deepspeed_config(cfg)
     # Attention backend, fused kernels and device are resolved here, in the worker that has the GPU.
     model = build_model(cfg, len(tokenizer), device=device, zero3_config=ds_cfg if cfg.deepspeed.stage == 3 else None)
+    flops_per_row = train_flops(model, cfg, 1)
+    peak = gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if cfg.train.activation_checkpointing:
         model.enable_activation_checkpointing()
     optimizer = make_optimizer(cfg, model)
@@ -171,6 +174,8 @@ def train_loop_per_worker(config: dict) -> None:
                 window.sums[f"loss_sum/{name}"] += float(result.get(f"loss_sum/{name}", 0.0))
                 window.sums[f"tokens/{name}"] += float(result.get(f"tokens/{name}", 0))
             window.sums["samples"] += int((skip == 0).sum())
+            window.sums["rows"] += len(skip)  # computed, skipped or not (FLOPs)
+            window.sums["seq_tokens"] += float(raw["attention_mask"].sum())
             window.sums["truncated"] += int(truncated.sum())
             window.sums["wait_s"] += t_got - t_wait
             window.sums["step_s"] += time.perf_counter() - t_wait
@@ -191,7 +196,14 @@ def train_loop_per_worker(config: dict) -> None:
                     "samples_per_s": s["samples"] / elapsed,
                     "answer_tokens_per_s": tokens / elapsed,
                     "data_wait_fraction": s["wait_s"] / max(s["step_s"], 1e-9),
+                    "tokens_per_s": s["seq_tokens"] / elapsed,  # prompt + answer tokens, padding excluded
+                    # per device, the FLOP count of `cxrfm bench train` (padded length), over wall time
+                    "tflops_per_device": flops_per_row * s["rows"] / elapsed / world / 1e12,
                 })
+                if peak:
+                    metrics["mfu"] = metrics["tflops_per_device"] / peak
+                if device.type == "cuda":
+                    metrics["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 for k in window.KEYS:
                     if k.startswith("skipped/") or k in ("samples", "truncated"):
                         totals[k] += s[k]

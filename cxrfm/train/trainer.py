@@ -235,6 +235,11 @@ def summary(res: TrainResult) -> str:
                 lines.append(f"{key:<13} {first[key]:.3f} (step {first['step']}) -> {last[key]:.3f} (step {last['step']})")
         lines.append(f"samples/s     {sum(m['samples_per_s'] for m in h) / len(h):.1f} (mean of log windows)")
         lines.append(f"data wait     {sum(m['data_wait_fraction'] for m in h) / len(h):.1%} of step time")
+        steady = h[1:] or h  # the first window holds compilation and warm-up
+        lines.append(f"tokens/s      {sum(m.get('tokens_per_s', 0) for m in steady) / len(steady):.0f}; "
+                     f"{sum(m.get('tflops_per_device', 0) for m in steady) / len(steady):.2f} TFLOP/s per device"
+                     + (f", MFU {sum(m['mfu'] for m in steady) / len(steady):.1%}" if "mfu" in h[-1] else "")
+                     + (f", peak memory {max(m['peak_memory_gib'] for m in h):.1f} GiB" if "peak_memory_gib" in h[-1] else ""))
     skipped = res.metrics.get("skipped", {})
     lines.append(f"skipped       {int(sum(skipped.values()))} samples" + (f" {skipped}" if skipped else ""))
     for r in res.ranks or []:
