@@ -1,3 +1,5 @@
+import tarfile
+
 import numpy as np
 import pytest
 import torch
@@ -5,11 +7,27 @@ import torch
 from cxrfm.config import load_config
 from cxrfm.data.pipeline import StudyToExample
 from cxrfm.data.samples import LM_TASKS, SampleSpec
+from cxrfm.data.shards import load_manifest
 from cxrfm.model.build import build_model
 from cxrfm.model.multitask import MultitaskModel
 from cxrfm.model.summary import count_parameters, summarize
 
-from tests.data.test_pipeline import _raw_batch
+
+def _raw_batch(shards, n=16):
+    """The first n rows of the first shard as a map_batches batch (the Ray Data path is tested in
+    tests/data/test_pipeline.py; the model tests only need examples)."""
+    path = shards / load_manifest(shards)["shards"][0]["path"]
+    rows = {}
+    with tarfile.open(path) as tar:
+        for m in tar:
+            key, ext = m.name.split(".", 1)
+            rows.setdefault(key, {})[ext] = tar.extractfile(m).read()
+    keys = sorted(rows)[:n]
+    cols = {c for k in keys for c in rows[k]}
+    batch = {"__key__": np.array(keys, dtype=object)}
+    for c in cols:
+        batch[c] = np.array([rows[k].get(c, float("nan")) for k in keys], dtype=object)
+    return batch
 
 
 @pytest.fixture(scope="module")
