@@ -1,9 +1,11 @@
 """Kubernetes side of `cxrfm jobs`: a job spec becomes a KubeRay `RayJob` (ray.io/v1) plus the
-ConfigMap that carries the spec, created and watched with the kubernetes Python client.
+ConfigMap that carries the spec and a NetworkPolicy that closes the job's Ray cluster to everything but
+itself and the KubeRay operator, created and watched with the kubernetes Python client.
 
 The spec travels in a ConfigMap (mounted on the Ray head where the entrypoint runs) rather than being
 read from the image, so the job runs exactly the YAML that was submitted, not whatever copy the image
-was built with. The ConfigMap is owned by the RayJob, so deleting the job deletes it.
+was built with. The ConfigMap and the NetworkPolicy are owned by the RayJob, so deleting the job deletes
+them. The Ray cluster runs with Ray token authentication (KubeRay authOptions).
 
 Every failure a user can hit (no kubeconfig, unreachable server, no KubeRay CRDs, missing or forbidden
 namespace, name clash) becomes a `KubeError` with one line saying what to do.
@@ -93,7 +95,7 @@ def _pod(role: str, image: str, resources: dict[str, Any], volumes: list[dict], 
     spec: dict[str, Any] = {
         "securityContext": {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000, "runAsNonRoot": True,
                             "seccompProfile": {"type": "RuntimeDefault"}},
-        # Only the head's autoscaler talks to the API server; workers need no token.
+        # A fixed-size job cluster has no autoscaler: no pod calls the API server.
         "automountServiceAccountToken": service_account,
         "containers": [{
             "name": f"ray-{role}", "image": image, "imagePullPolicy": "IfNotPresent",
@@ -167,19 +169,20 @@ def rayjob_manifests(cfg: Config, spec_path: str | Path, overrides: list[str] | 
             # start over on a fresh cluster, so the submitter is not retried.
             "backoffLimit": 0,
             "shutdownAfterJobFinishes": True,
-            # A finished gang frees its GPUs at once (shutdownAfterJobFinishes) and the RayJob object goes
-            # after 10 minutes; a gang that cannot start within 10 minutes gives back what it got.
-            "ttlSecondsAfterFinished": 600,
+            # The Ray cluster (and its GPUs) goes a minute after the job ends (logs are in MLflow and the
+            # submitter pod); a gang that cannot start within 10 minutes gives back what it got.
+            "ttlSecondsAfterFinished": 60,
             "preRunningDeadlineSeconds": 600,
             # KubeRay's default submitter has no securityContext: PSA "restricted" namespaces reject it.
             "submitterPodTemplate": _submitter(image, labels),
             "rayClusterSpec": {
                 "rayVersion": RAY_VERSION,
+                "authOptions": {"mode": "token"},
                 "headGroupSpec": {
                     # The head schedules; it runs no training work (and has no GPU).
                     "rayStartParams": {"dashboard-host": "0.0.0.0", "num-cpus": "0"},
                     "template": _pod("head", image, {"requests": head_limits, "limits": head_limits},
-                                     head_volumes, head_mounts, None, labels, True),
+                                     head_volumes, head_mounts, None, labels, False),
                 },
                 "workerGroupSpecs": [{
                     # A training gang has a fixed size: min = max = replicas.
@@ -199,7 +202,21 @@ def rayjob_manifests(cfg: Config, spec_path: str | Path, overrides: list[str] | 
         "metadata": {"name": f"{name}-spec", "namespace": namespace, "labels": labels},
         "data": {spec_path.name: spec_path.read_text()},
     }
-    return [configmap, rayjob]
+    return [configmap, rayjob, network_policy(name, namespace, labels)]
+
+
+def network_policy(name: str, namespace: str, labels: dict[str, str]) -> dict[str, Any]:
+    """Ingress to the job's pods from the job's own pods (Ray's many ports, NCCL, the submitter) and from
+    the KubeRay operator on the dashboard port only. Egress stays open: MLflow and object stores are
+    wherever the spec points."""
+    own = {"podSelector": {"matchLabels": {"cxrfm.io/job": name}}}
+    operator = {"namespaceSelector": {}, "podSelector": {"matchLabels": {"app.kubernetes.io/name": "kuberay-operator"}}}
+    return {
+        "apiVersion": "networking.k8s.io/v1", "kind": "NetworkPolicy",
+        "metadata": {"name": f"{name}-ray", "namespace": namespace, "labels": labels},
+        "spec": {"podSelector": {"matchLabels": {"cxrfm.io/job": name}}, "policyTypes": ["Ingress"],
+                 "ingress": [{"from": [own]}, {"from": [operator], "ports": [{"protocol": "TCP", "port": 8265}]}]},
+    }
 
 
 class _Dumper(yaml.SafeDumper):
@@ -339,10 +356,11 @@ def require_kuberay(api) -> None:
 
 
 def create(api, manifests: list[dict[str, Any]]) -> str:
-    """Create the spec ConfigMap and the RayJob; the ConfigMap is then owned by the RayJob."""
+    """Create the spec ConfigMap, the RayJob and its NetworkPolicy; the ConfigMap and the policy are then
+    owned by the RayJob."""
     from kubernetes import client
 
-    configmap, rayjob = manifests
+    configmap, rayjob, policy = manifests
     ns, name = rayjob["metadata"]["namespace"], rayjob["metadata"]["name"]
     require_kuberay(api)
     core, custom = client.CoreV1Api(api), client.CustomObjectsApi(api)
@@ -353,9 +371,11 @@ def create(api, manifests: list[dict[str, Any]]) -> str:
     except KubeError:
         _call(api, "delete configmaps", ns, core.delete_namespaced_config_map, configmap["metadata"]["name"], ns)
         raise
-    owner = {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name, "uid": created["metadata"]["uid"]}
-    _call(api, "patch configmaps", ns, core.patch_namespaced_config_map, configmap["metadata"]["name"], ns,
-          {"metadata": {"ownerReferences": [owner]}})
+    owner = {"metadata": {"ownerReferences": [
+        {"apiVersion": f"{GROUP}/{VERSION}", "kind": KIND, "name": name, "uid": created["metadata"]["uid"]}]}}
+    _call(api, "patch configmaps", ns, core.patch_namespaced_config_map, configmap["metadata"]["name"], ns, owner)
+    _call(api, "create networkpolicies", ns, client.NetworkingV1Api(api).create_namespaced_network_policy, ns,
+          {**policy, "metadata": {**policy["metadata"], **owner["metadata"]}})
     return name
 
 

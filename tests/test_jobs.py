@@ -42,9 +42,10 @@ def test_rayjob_manifests_validate(spec):
     path = REPO / "jobs" / spec
     overrides = [] if spec == "eval.yaml" else ["train.max_steps=7"]  # `cxrfm eval` takes no spec
     cfg = load_config(path, overrides)
-    configmap, rayjob = kube.rayjob_manifests(cfg, path, overrides, namespace="ml")
+    configmap, rayjob, policy = kube.rayjob_manifests(cfg, path, overrides, namespace="ml")
     assert kube.validate_kuberay(rayjob, CRDS) == []
     kubernetes_validate.validate(configmap, "1.30.0", strict=True)
+    kubernetes_validate.validate(policy, "1.30.0", strict=True)
     # The job runs the submitted spec from the ConfigMap, with the overrides on the entrypoint.
     assert configmap["data"][spec] == path.read_text()
     assert rayjob["spec"]["entrypoint"] == kube.entrypoint(cfg, f"/etc/cxrfm/jobs/{spec}", overrides)
@@ -74,7 +75,7 @@ def test_pretrain_rayjob_requests_eight_nodes_of_eight_gpus(capsys, monkeypatch,
     rc, out, err = run_cli(["jobs", "submit", str(REPO / "jobs" / "pretrain-m4cxr.yaml"), "--to", "kubernetes",
                             "--dry-run"], capsys)
     assert rc == 0, err
-    configmap, rayjob = yaml.safe_load_all(out)
+    configmap, rayjob, _ = yaml.safe_load_all(out)
     assert kube.validate_kuberay(rayjob, CRDS) == []
     cluster = rayjob["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
@@ -106,7 +107,7 @@ def test_rayjob_workers_request_the_specs_gpus(spec):
     CPU-only specs ask for no GPU at all."""
     path = REPO / "jobs" / spec
     overrides = [] if spec == "eval.yaml" else ["train.max_steps=7"]
-    _, rayjob = kube.rayjob_manifests(load_config(path, overrides), path, overrides, namespace="ml")
+    _, rayjob, _ = kube.rayjob_manifests(load_config(path, overrides), path, overrides, namespace="ml")
     job = yaml.safe_load(path.read_text())["job"]
     cluster = rayjob["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
@@ -160,7 +161,7 @@ def test_gpu_kinds_agree_across_config_kube_and_plan():
 
 def test_validator_rejects_bad_rayjob():
     path = REPO / "jobs" / "tiny.yaml"
-    _, rayjob = kube.rayjob_manifests(load_config(path), path)
+    _, rayjob, _ = kube.rayjob_manifests(load_config(path), path)
     rayjob["spec"]["backoffLimit"] = "twice"
     rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParam"] = {}  # typo of rayStartParams
     errors = kube.validate_kuberay(rayjob, CRDS)
@@ -174,7 +175,7 @@ def test_dry_run_prints_manifests_and_needs_no_cluster(capsys, monkeypatch, tmp_
                             "--namespace", "research", "--dry-run", "--set", "train.max_steps=5"], capsys)
     assert rc == 0, err
     docs = list(yaml.safe_load_all(out))
-    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob"]
+    assert [d["kind"] for d in docs] == ["ConfigMap", "RayJob", "NetworkPolicy"]
     assert all(d["metadata"]["namespace"] == "research" for d in docs)
     assert docs[1]["spec"]["entrypoint"].endswith("--set train.max_steps=5")
     assert "&id" not in out  # no YAML anchors: plain manifests for kubectl and review
@@ -252,7 +253,7 @@ def test_submitter_pod_is_restricted_and_gpu_workers_ask_for_gpus():
     """KubeRay's default submitter has no securityContext (PSA "restricted" rejects it), so the RayJob
     brings its own; GPU workers request and limit the same nvidia.com/gpu count (no schema needed)."""
     path = REPO / "jobs" / "pretrain-m4cxr.yaml"
-    _, rayjob = kube.rayjob_manifests(load_config(path), path)
+    _, rayjob, _ = kube.rayjob_manifests(load_config(path), path)
     submitter = rayjob["spec"]["submitterPodTemplate"]["spec"]
     assert submitter["securityContext"]["runAsNonRoot"] is True
     assert submitter["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}

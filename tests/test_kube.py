@@ -128,11 +128,16 @@ def test_submit_status_logs_stop_through_the_client(fake_cluster, capsys):
     assert rc == 0, err
     name = out.split()[2]
     posts = {p: b for m, p, b in fake_cluster["calls"] if m == "POST"}
-    assert set(posts) == {"/api/v1/namespaces/ml/configmaps", "/apis/ray.io/v1/namespaces/ml/rayjobs"}
+    assert set(posts) == {"/api/v1/namespaces/ml/configmaps", "/apis/ray.io/v1/namespaces/ml/rayjobs",
+                          "/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies"}
     assert posts["/apis/ray.io/v1/namespaces/ml/rayjobs"]["metadata"]["name"] == name
     patch = next(b for m, p, b in fake_cluster["calls"] if m == "PATCH")
-    assert patch["metadata"]["ownerReferences"][0] == {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": name,
-                                                       "uid": f"uid-{name}"}
+    owner = {"apiVersion": "ray.io/v1", "kind": "RayJob", "name": name, "uid": f"uid-{name}"}
+    assert patch["metadata"]["ownerReferences"][0] == owner
+    # The job's NetworkPolicy is made after the RayJob, owned by it (deleted with it).
+    policy = posts["/apis/networking.k8s.io/v1/namespaces/ml/networkpolicies"]
+    assert policy["metadata"]["ownerReferences"] == [owner]
+    assert policy["spec"]["podSelector"] == {"matchLabels": {"cxrfm.io/job": name}}
 
     rc, out, _ = run_cli(["jobs", "status", name, "--to", "kubernetes", "-n", "ml"], capsys)
     assert rc == 0 and "job RUNNING, deployment Running, cluster demo-raycluster-abcde" in out

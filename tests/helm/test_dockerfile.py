@@ -235,7 +235,7 @@ def test_kube_rayjob_and_cluster_specs_fit_the_image(docker):
     for spec in JOB_SPECS:
         path = REPO / "jobs" / spec
         objs = kube.rayjob_manifests(load_config(path), path)
-        assert _check_pods(docker, objs, spec) == 2  # head and worker
+        assert _check_pods(docker, objs, spec) == 3  # head, worker and the submitter
     for path in CLUSTER_SPECS:
         objs = [d for d in yaml.safe_load_all(path.read_text()) if d]
         assert _check_pods(docker, objs, path.name) >= 2
