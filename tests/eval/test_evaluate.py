@@ -102,7 +102,7 @@ def hand_shards(tmp_path_factory):
                     [box("Pleural Effusion", 50, 50, 150, 100)]),
         _hand_study("t1", "test", "No acute cardiopulmonary process.", "left", 100, 100,
                     [eff("yes"), VQAPair(question=Q_DEVICE, answer="no", qtype="device", closed=True)],
-                    [box("Cardiomegaly", 10, 10, 30, 70)]),
+                    [box("Cardiomegaly", 10, 10, 30, 50)]),
     ]
     out = tmp_path_factory.mktemp("hand-shards")
     write_shards(studies, out, shard_size=10)
@@ -129,13 +129,13 @@ def test_evaluate_metrics_match_hand_computed_values(export, hand_shards):
         assert got == pytest.approx(values, abs=1e-12), name
     # Grounding prior box: effusion -> mean relative box (0.25, 0.5, 0.75, 1.0), on t0's 200 x 100 image
     # (50, 50, 150, 100) = the truth, IoU 1; cardiomegaly -> (0.1, 0.1, 0.3, 0.3), on t1's 100 x 100 image
-    # (10, 10, 30, 30) against the truth (10, 10, 30, 70): 400 / 1200 = 1/3.
+    # (10, 10, 30, 30) against the truth (10, 10, 30, 50): 400 / 800 = 1/2, which counts as a hit (IoU >= 0.5).
     assert m["baseline/prior_box/grounding/miou/Pleural Effusion"] == pytest.approx(1.0)
-    assert m["baseline/prior_box/grounding/miou/Cardiomegaly"] == pytest.approx(1 / 3)
-    assert m["baseline/prior_box/grounding/miou/all"] == pytest.approx(2 / 3)
-    assert m["baseline/prior_box/grounding/acc@0.5/all"] == 0.5
+    assert m["baseline/prior_box/grounding/miou/Cardiomegaly"] == pytest.approx(1 / 2)
+    assert m["baseline/prior_box/grounding/miou/all"] == pytest.approx(3 / 4)
+    assert m["baseline/prior_box/grounding/acc@0.5/all"] == 1.0
     assert m["baseline/prior_box/grounding/acc@0.5/Pleural Effusion"] == 1.0
-    assert m["baseline/prior_box/grounding/acc@0.5/Cardiomegaly"] == 0.0
+    assert m["baseline/prior_box/grounding/acc@0.5/Cardiomegaly"] == 1.0
     # Report baselines. Most frequent: "findings: normal." for both (No Finding 1); references: t0 Pleural
     # Effusion 1, t1 No Finding 1 -> CE-14 tp 1 (No Finding), fp 1 (No Finding at t0), fn 1 (effusion):
     # P = R = F1 = 1/2. Retrieval: t0's top-bright image finds "Effusion.", t1's left-bright one "Normal.":
