@@ -265,3 +265,22 @@ def test_submitter_pod_is_restricted_and_gpu_workers_ask_for_gpus():
     (group,) = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"]
     res = group["template"]["spec"]["containers"][0]["resources"]
     assert res["requests"]["nvidia.com/gpu"] == res["limits"]["nvidia.com/gpu"] == "8"
+
+
+def test_job_network_policy_admits_the_job_and_the_operator_only():
+    """Computed with the same NetworkPolicy evaluator as the chart's: the job's own pods reach each other on
+    any port, the KubeRay operator reaches the dashboard only, other pods of the namespace nothing."""
+    from tests.helm.test_networkpolicy import Pod, allowed
+
+    path = REPO / "jobs" / "tiny.yaml"
+    _, rayjob, policy = kube.rayjob_manifests(load_config(path), path, namespace="ml", name="demo-1")
+    labels = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
+    head = Pod("head", "ml", tuple(labels.items()))
+    worker = Pod("worker", "ml", tuple(rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"].items()))
+    submitter = Pod("submitter", "ml", tuple(rayjob["spec"]["submitterPodTemplate"]["metadata"]["labels"].items()))
+    operator = Pod("operator", "kuberay-system", (("app.kubernetes.io/name", "kuberay-operator"),))
+    stranger = Pod("stranger", "ml", (("app", "notebook"),))
+    other_job = Pod("other", "ml", tuple({**labels, "cxrfm.io/job": "demo-2"}.items()))
+    assert allowed([policy], worker, head, 6379) and allowed([policy], submitter, head, 8265)
+    assert allowed([policy], operator, head, 8265) and not allowed([policy], operator, head, 6379)
+    assert not allowed([policy], stranger, head, 8265) and not allowed([policy], other_job, worker, 6379)
