@@ -13,9 +13,12 @@ Layouts under data.root (either or both):
 
 With both, R2Gen gives the split and images and the XML gives the sections and MeSH terms (joined on the
 report number, CXR<n>_...). Without annotation.json the split is a patient hash. IU X-ray has one report
-per patient, so the report number is the patient id. Neither source states a view per image: the first
-image is taken as the frontal (PA) and the second as the lateral, which is R2Gen's and Open-i's order;
-this is recorded in source_labels["view_from"] = "listing_order".
+per patient, so the report number is the patient id. Neither source states a view per image, and the
+listing order is not reliable (some studies list the lateral first, some hold only a lateral), so each
+image's view is read from its pixels (cxrfm.data.views): the study's frontal is the first image classed
+frontal (stored as PA, the Indiana protocol's view), its lateral the first classed lateral, and a study
+whose only images are laterals keeps them as laterals. source_labels["view_from"] = "pixels"; images
+classed near the threshold are flagged "view_from_pixels_unsure", further images "extra_images_not_used".
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ from pathlib import Path
 
 import numpy as np
 
-from cxrfm.data.schema import Study
+from cxrfm.data.schema import ImageRef, Study
 from cxrfm.data.sources.base import (BuildReport, StudyRecord, map_to_chexpert, parse_report_sections,
                                      patient_split, safe_key)
 from cxrfm.data.sources.base import Converter as BaseConverter
+from cxrfm.data.views import classify_view
 
 SPLITS = {"train": "train", "val": "val", "valid": "val", "test": "test"}
 _REPORT_NO = re.compile(r"CXR(\d+)_")
@@ -156,11 +160,8 @@ class Converter(BaseConverter):
             if not present:
                 report.skip("study_without_usable_image", sid, f"{len(e['images'])} images listed, none on disk")
                 continue
-            if len(present) > 2:
-                report.flag("extra_images_not_used", sid, f"{len(present) - 2} more images")
-            views = {"frontal": [present[0], "PA"]} | ({"lateral": [present[1], "LATERAL"]} if len(present) > 1 else {})
             split = e["split"] or patient_split(f"iu-{number}")
-            source_labels = {"view_from": "listing_order"}
+            source_labels = {"view_from": "pixels"}
             labels = {}
             if x:
                 labels = mesh_labels(x["mesh_major"])
@@ -168,10 +169,36 @@ class Converter(BaseConverter):
             elif xml:
                 report.flag("no_openi_xml_for_study", sid, "sections from annotation.json; no MeSH labels")
             records.append(StudyRecord(sid, f"iu-{number}", split, payload={
-                "views": views, "sections": sections, "labels": labels, "source_labels": source_labels}))
+                "images": present, "sections": sections, "labels": labels, "source_labels": source_labels}))
         return records
 
     def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        return self.assemble(record, report, {role: tuple(pv) for role, pv in p["views"].items()},
-                             labels=p["labels"], source_labels=p["source_labels"], **p["sections"])
+        images: dict[str, np.ndarray] = {}
+        refs, extra = [], 0
+        for path in p["images"]:
+            img = self.read(path, f"{record.study_id}:{Path(path).name}", report)
+            if img is None:
+                continue
+            role, score, sure = classify_view(img)
+            if not sure:
+                report.flag("view_from_pixels_unsure", f"{record.study_id}:{Path(path).name}",
+                            f"midline contrast {score:.2f}; taken as {role}")
+            if role in images:
+                extra += 1
+                continue
+            images[role] = img
+            refs.append(ImageRef(role=role, key=f"{role}.png", view="PA" if role == "frontal" else "LATERAL",
+                                 width=img.shape[1], height=img.shape[0]))
+        if extra:
+            report.flag("extra_images_not_used", record.study_id, f"{extra} more images of a view already kept")
+        if not images:
+            report.skip("study_without_readable_image", record.study_id, f"{len(p['images'])} images tried")
+            return None
+        if "frontal" not in images:
+            report.flag("study_lateral_only", record.study_id, "every readable image is a lateral; kept as lateral")
+        refs.sort(key=lambda r: r.role != "frontal")  # frontal first, as every converter lists them
+        study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
+                      license=self.license, images=refs, labels=p["labels"], source_labels=p["source_labels"],
+                      **p["sections"])
+        return study, images

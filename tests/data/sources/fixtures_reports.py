@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,23 @@ def write_png16(path: Path, h: int = 48, w: int = 40) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     arr = (np.add.outer(np.arange(h), np.arange(w)) * (4095 / (h + w - 2))).astype(np.uint16)
     Image.fromarray(arr).save(path)
+
+
+@lru_cache(maxsize=1)
+def _phantom_views() -> list[dict[str, np.ndarray]]:
+    """Frontal + lateral pairs of synthetic phantoms (64 px): fixtures whose view is read from the pixels."""
+    from cxrfm.data.synthetic import generate_phantoms
+
+    return [p.images for p in generate_phantoms(40, 64, 3) if "lateral" in p.images][:6]
+
+
+def write_view(path: Path, view: str, seed: int = 0, bits: int = 8) -> None:
+    """A chest-like radiograph of the given view ("frontal" / "lateral"), 8-bit or 12-bit-in-16 PNG."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = _phantom_views()[seed % len(_phantom_views())][view]
+    if bits == 16:
+        img = (img.astype(np.uint32) * 4095 // 255).astype(np.uint16)  # detector-style 12-bit data
+    Image.fromarray(img).save(path)
 
 
 def write_jpeg(path: Path, h: int = 48, w: int = 40, seed: int = 0) -> None:
@@ -285,8 +303,9 @@ def _xml(n, images, findings="", impression="", indication="", comparison="", ma
 
 
 def write_iu_xray(root: Path, r2gen: bool = True) -> dict:
-    """Reports 1 (two PNGs, MeSH Cardiomegaly + Pulmonary Artery), 2 (impression only, 16-bit PNG, normal),
-    3 (second image missing), 4 (empty findings and impression), plus a duplicate of 1 in test."""
+    """Reports 1 (two PNGs listed lateral first, MeSH Cardiomegaly + Pulmonary Artery), 2 (impression only,
+    16-bit PNG, normal), 3 (second image missing), 4 (empty findings and impression), 5 (a lateral only),
+    plus a duplicate of 1 in test."""
     xml_dir = root / "ecgen-radiology"
     xml_dir.mkdir(parents=True, exist_ok=True)
     (xml_dir / "1.xml").write_text(_xml(1, ["CXR1_1_IM-0001-3001", "CXR1_1_IM-0001-4001"], "Borderline cardiomegaly.",
@@ -296,28 +315,32 @@ def write_iu_xray(root: Path, r2gen: bool = True) -> dict:
     (xml_dir / "2.xml").write_text(_xml(2, ["CXR2_IM-0652-1001"], impression="Normal chest x-XXXX.", major=["normal"]))
     (xml_dir / "3.xml").write_text(_xml(3, ["CXR3_IM-1384-1001", "CXR3_IM-1384-2001"], "Clear lungs.", "Normal."))
     (xml_dir / "4.xml").write_text(_xml(4, ["CXR4_IM-2050-1001"]))
+    (xml_dir / "5.xml").write_text(_xml(5, ["CXR5_IM-2117-2001"], "No pleural effusion.", "Normal lateral view."))
     if r2gen:
         images = root / "images"
-        write_png(images / "CXR1_1_IM-0001" / "0.png", seed=1)
-        write_png(images / "CXR1_1_IM-0001" / "1.png", seed=2)
-        write_png16(images / "CXR2_IM-0652" / "0.png")
-        write_png(images / "CXR3_IM-1384" / "0.png", seed=3)
-        write_png(images / "CXR4_IM-2050" / "0.png", seed=4)
+        write_view(images / "CXR1_1_IM-0001" / "0.png", "lateral", seed=1)  # the lateral is listed first
+        write_view(images / "CXR1_1_IM-0001" / "1.png", "frontal", seed=1)
+        write_view(images / "CXR2_IM-0652" / "0.png", "frontal", seed=2, bits=16)
+        write_view(images / "CXR3_IM-1384" / "0.png", "frontal", seed=3)
+        write_view(images / "CXR4_IM-2050" / "0.png", "frontal", seed=4)
+        write_view(images / "CXR5_IM-2117" / "0.png", "lateral", seed=5)
 
         def item(i, paths, split, report="raw r2gen text."):
             return {"id": i, "report": report, "image_path": paths, "split": split}
 
         ann = {"train": [item("CXR1_1_IM-0001", ["CXR1_1_IM-0001/0.png", "CXR1_1_IM-0001/1.png"], "train"),
                          item("CXR3_IM-1384", ["CXR3_IM-1384/0.png", "CXR3_IM-1384/1.png"], "train"),
-                         item("CXR4_IM-2050", ["CXR4_IM-2050/0.png"], "train")],
+                         item("CXR4_IM-2050", ["CXR4_IM-2050/0.png"], "train"),
+                         item("CXR5_IM-2117", ["CXR5_IM-2117/0.png"], "train")],
                "val": [item("CXR2_IM-0652", ["CXR2_IM-0652/0.png"], "val")],
                "test": [item("CXR1_1_IM-0001", ["CXR1_1_IM-0001/0.png"], "test")]}
         (root / "annotation.json").write_text(json.dumps(ann))
     else:
         png = root / "NLMCXR_png"
-        write_png(png / "CXR1_1_IM-0001-3001.png", seed=1)
-        write_png(png / "CXR1_1_IM-0001-4001.png", seed=2)
-        write_png16(png / "CXR2_IM-0652-1001.png")
-        write_png(png / "CXR3_IM-1384-1001.png", seed=3)
-        write_png(png / "CXR4_IM-2050-1001.png", seed=4)
+        write_view(png / "CXR1_1_IM-0001-3001.png", "lateral", seed=1)  # listed (and sorted) first
+        write_view(png / "CXR1_1_IM-0001-4001.png", "frontal", seed=1)
+        write_view(png / "CXR2_IM-0652-1001.png", "frontal", seed=2, bits=16)
+        write_view(png / "CXR3_IM-1384-1001.png", "frontal", seed=3)
+        write_view(png / "CXR4_IM-2050-1001.png", "frontal", seed=4)
+        write_view(png / "CXR5_IM-2117-2001.png", "lateral", seed=5)
     return {}
