@@ -99,3 +99,12 @@ def test_layout_not_found_lists_every_accepted_layout(tmp_path, name):
     assert str(tmp_path) in message
     for layout in converter.layouts:
         assert layout in message, f"{name}: {layout!r} missing from {message!r}"
+
+
+def test_readme_real_data_table_lists_every_converter():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[3] / "README.md").read_text()
+    table = readme[readme.index("| source | layouts accepted under `--root` |"):]
+    table = table[: table.index("\n\n")]
+    assert {row.split("|")[1].strip().strip("`") for row in table.splitlines()[2:]} == set(SOURCES)
