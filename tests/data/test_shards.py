@@ -83,3 +83,24 @@ def test_missing_dir_empty_manifest_and_checksum_exclusion(small_shards, tmp_pat
     assert shard not in " ".join(paths) and skipped["checksum_mismatch"] > 0
     paths, skipped = shard_paths(tmp_path / "bad", "train", verify=False)
     assert any(p.endswith(shard) for p in paths) and not skipped
+
+
+def test_verify_reports_a_shard_with_fewer_samples_than_its_manifest(small_shards, tmp_path):
+    """A shard rewritten without its last sample (a valid tar, every remaining sample intact) is reported by
+    its sample count, not only by its checksum."""
+    shutil.copytree(small_shards, tmp_path / "short")
+    entry = load_manifest(tmp_path / "short")["shards"][0]
+    path = tmp_path / "short" / entry["path"]
+    members = _read_tar(path)
+    last = sorted({name.split(".", 1)[0] for name in members})[-1]
+    samples = {}
+    for name, data in members.items():
+        key, ext = name.split(".", 1)
+        if key != last:
+            samples.setdefault(key, {"__key__": key})[ext] = data
+    with wds.TarWriter(str(path)) as sink:
+        for key in sorted(samples):
+            sink.write(samples[key])
+    problems = {(p["shard"], p["key"], p["problem"]) for p in verify_shards(tmp_path / "short").problems}
+    want = f"{entry['samples'] - 1} samples, manifest says {entry['samples']}"
+    assert (entry["path"], "*", want) in problems

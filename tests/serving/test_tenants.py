@@ -62,6 +62,8 @@ def test_token_bucket_rate_and_recovery():
     now[0] += 0.5  # one token back
     assert lim.acquire("t", 2.0, 3, 100).ok and not lim.acquire("t", 2.0, 3, 100).ok
     assert lim.acquire("other", 2.0, 3, 100).ok  # buckets are per tenant
+    now[0] += 60  # a long idle refills the bucket to the burst, never beyond it
+    assert [lim.acquire("t", 2.0, 3, 100).ok for _ in range(4)] == [True, True, True, False]
 
 
 def test_concurrency_leases_release_and_expire():
