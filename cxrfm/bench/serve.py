@@ -36,6 +36,8 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--batch-wait-s", type=float, default=0.05)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of a TextGenerator replica")
+    p.add_argument("--replica-gpus", type=float, default=0.0, help="num_gpus of a TextGenerator replica (0: none)")
+    p.add_argument("--device", default="auto", help="app arg device of the replicas: auto, cpu, cuda")
     p.add_argument("--autoscale-max", type=int, default=3, help="max replicas in the autoscaling run (0: skip it)")
     p.add_argument("--autoscale-concurrency", type=int, default=12)
     p.add_argument("--autoscale-load-s", type=float, default=60.0)
@@ -100,12 +102,14 @@ def _deploy(args, export: str, store: str, autoscaling: dict | None) -> None:
 
     from cxrfm.serving.app import build_app
 
-    report = {"ray_actor_options": {"num_cpus": args.replica_cpus}, "max_ongoing_requests": 64, "max_queued_requests": 512,
+    actor = {"num_cpus": args.replica_cpus, **({"num_gpus": args.replica_gpus} if args.replica_gpus else {})}
+    report = {"ray_actor_options": actor, "max_ongoing_requests": 64, "max_queued_requests": 512,
               "user_config": {"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s}}
     report.update({"autoscaling_config": autoscaling} if autoscaling else {"num_replicas": 1, "autoscaling_config": None})
     small = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.1}}
     options = {"Ingress": {**small, "max_ongoing_requests": 512, "max_queued_requests": 1024}, "TextGenerator": report}
-    serve.run(build_app({"tenants": store, "models": {"base": export}, "tasks": ["report"], "deployment_options": options}),
+    serve.run(build_app({"tenants": store, "models": {"base": export}, "tasks": ["report"], "device": args.device,
+                         "deployment_options": options}),
               name=APP, route_prefix="/")
 
 
