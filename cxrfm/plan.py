@@ -32,9 +32,9 @@ from cxrfm.config import Config, ConfigError, load_config
 # The model side (hardware table, model states, activations, FLOPs) lives in cxrfm.plan_model; its
 # names are re-exported here, so `from cxrfm.plan import model_states` keeps working.
 from cxrfm.plan_model import (CONTEXT_RESERVE, CPU_ADAM_PARAMS_PER_S, DS_BUFFER_FACTOR, FRAGMENTATION,  # noqa: F401
-                              GPU, GPUS, MICRO_BATCHES, NVME_BW, OPTIONS, GiB, MiB, ModelShape, ModelStates,
-                              _act_bytes, activation_breakdown, activation_bytes, answer_tokens, diffusion_profile,
-                              model_shape, model_states, step_flops)
+                              GPU, GPUS, INTERCONNECTS, MICRO_BATCHES, NVME_BW, OPTIONS, GiB, MiB, ModelShape,
+                              ModelStates, _act_bytes, activation_breakdown, activation_bytes, answer_tokens,
+                              diffusion_profile, host_usable, inter_node_bw, model_shape, model_states, step_flops)
 
 
 @dataclass
@@ -48,8 +48,9 @@ class Row:
     buffers: int
     total: int
     total_ckpt: int
-    fits: bool
-    fits_ckpt: bool
+    fits: bool  # GPU memory without activation checkpointing, and host memory
+    fits_ckpt: bool  # the same with checkpointing
+    fits_host: bool  # host memory per node (offloaded states, checkpoint loading) within job.memory_per_node
     checkpointing: bool  # the setting the timing below assumes (off when it fits without)
     step_s: float
     tokens_per_s: float
@@ -74,6 +75,8 @@ class Plan:
     rows: list[Row]
     spec_option: tuple[int, str, str] = (2, "none", "none")  # the spec's own deepspeed settings
     recommendation: dict[str, Any] = field(default_factory=dict)
+    interconnect: str = "rdma"
+    host_memory: int | None = None  # job.memory_per_node in bytes; None: not checked
 
 
 def _buffers(cfg: Config, stage: int) -> int:
@@ -83,7 +86,8 @@ def _buffers(cfg: Config, stage: int) -> int:
 
 
 def _row(cfg: Config, shape: ModelShape, gpu: GPU, n: int, per_node: int, option: tuple[int, str, str],
-         micro_batch: int, grad_accum: int, images: int, util: float, budget: float) -> Row:
+         micro_batch: int, grad_accum: int, images: int, util: float, budget: float,
+         interconnect: str = "rdma", host_memory: int | None = None) -> Row:
     stage, off_opt, off_par = option
     prec = cfg.train.precision
     a = _act_bytes(prec)
@@ -94,9 +98,11 @@ def _row(cfg: Config, shape: ModelShape, gpu: GPU, n: int, per_node: int, option
     buf = _buffers(cfg, stage)
     usable = gpu.memory * (1 - FRAGMENTATION) - CONTEXT_RESERVE
     total, total_ck = st.gpu_total + act + buf, st.gpu_total + act_ck + buf
-    fits, fits_ck = total <= usable, total_ck <= usable
+    fits_host = host_memory is None or st.cpu_per_node <= host_usable(host_memory, per_node)
+    fits, fits_ck = total <= usable and fits_host, total_ck <= usable and fits_host
     # Time the setting that fits without recompute if any; otherwise checkpointing, or the spec's choice.
-    ckpt = (not fits and fits_ck) or (not fits and not fits_ck and cfg.train.activation_checkpointing)
+    ckpt = (not fits and fits_ck) or (not fits and not fits_ck and (cfg.train.activation_checkpointing
+                                                                    or total_ck <= usable < total))
 
     # Compute: model FLOPs, plus one extra forward when checkpointing recomputes.
     model_flops = step_flops(cfg, shape, images, micro_batch) * grad_accum  # per GPU per optimizer step
@@ -104,7 +110,7 @@ def _row(cfg: Config, shape: ModelShape, gpu: GPU, n: int, per_node: int, option
     peak = gpu.peak_flops[prec]
     compute = hw_flops / (peak * util)
     # Collectives (ring algorithms move (N-1)/N of the data per GPU per pass).
-    bw = gpu.intra_node_bw if n <= per_node else gpu.inter_node_bw
+    bw = gpu.intra_node_bw if n <= per_node else inter_node_bw(gpu, interconnect, per_node)
     ring = (n - 1) / n * shape.total * a / bw if n > 1 else 0.0
     passes = {1: 2.0, 2: 1.0 * grad_accum + 1.0, 3: 3.0 * grad_accum}[stage]
     comm = ring * passes
@@ -126,14 +132,26 @@ def _row(cfg: Config, shape: ModelShape, gpu: GPU, n: int, per_node: int, option
     tps = tokens / step
     mfu = model_flops * n / (step * n * peak)
     days = budget / tps / 86400
-    return Row(stage, off_opt, off_par, st, act, act_ck, buf, total, total_ck, fits, fits_ck, ckpt, step, tps, mfu, days)
+    return Row(stage, off_opt, off_par, st, act, act_ck, buf, total, total_ck, fits, fits_ck, fits_host, ckpt, step,
+               tps, mfu, days)
+
+
+def host_memory_per_node(cfg: Config) -> int | None:
+    """The spec's job.memory_per_node in bytes (a Kubernetes quantity); None when the spec sets none."""
+    from kubernetes.utils import parse_quantity  # the Kubernetes client's own quantity parser
+
+    return int(parse_quantity(cfg.job.memory_per_node)) if cfg.job.memory_per_node else None
 
 
 def make_plan(cfg: Config, num_gpus: int | None = None, gpu: str = "h100-80gb", gpus_per_node: int | None = None,
               tokens: float | None = None, utilisation: float = 0.45, images_per_sample: int = 3,
-              spec: str = "", model=None) -> Plan:
+              spec: str = "", model=None, interconnect: str = "rdma", host_memory: int | None = None) -> Plan:
+    """`host_memory`: bytes per node for the host-memory check (default: the spec's job.memory_per_node)."""
     if gpu not in GPUS:
         raise ConfigError(f"unknown --gpu {gpu!r}; known: {', '.join(GPUS)}")
+    if interconnect not in INTERCONNECTS:
+        raise ConfigError(f"unknown --interconnect {interconnect!r}; known: {', '.join(INTERCONNECTS)}")
+    host_memory = host_memory if host_memory is not None else host_memory_per_node(cfg)
     hw = GPUS[gpu]
     n = num_gpus or cfg.train.num_workers
     if n < 1:
@@ -144,16 +162,19 @@ def make_plan(cfg: Config, num_gpus: int | None = None, gpu: str = "h100-80gb", 
     shape = model_shape(cfg, model)
     mb, ga, s = cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.max_seq_len
     budget = tokens if tokens is not None else float(cfg.train.max_steps * mb * ga * n * s)
-    rows = [_row(cfg, shape, hw, n, per_node, o, mb, ga, images_per_sample, utilisation, budget) for o in OPTIONS]
+    rows = [_row(cfg, shape, hw, n, per_node, o, mb, ga, images_per_sample, utilisation, budget, interconnect, host_memory)
+            for o in OPTIONS]
     ds = cfg.deepspeed
     plan = Plan(spec, gpu, n, per_node, cfg.train.precision, mb, ga, s, images_per_sample, utilisation, budget, shape,
-                rows, (ds.stage, ds.offload_optimizer, ds.offload_param))
-    plan.recommendation = recommend(cfg, shape, hw, n, per_node, images_per_sample, utilisation, budget)
+                rows, (ds.stage, ds.offload_optimizer, ds.offload_param), interconnect=interconnect,
+                host_memory=host_memory)
+    plan.recommendation = recommend(cfg, shape, hw, n, per_node, images_per_sample, utilisation, budget, interconnect,
+                                    host_memory)
     return plan
 
 
 def recommend(cfg: Config, shape: ModelShape, hw: GPU, n: int, per_node: int, images: int, util: float,
-              budget: float) -> dict[str, Any]:
+              budget: float, interconnect: str = "rdma", host_memory: int | None = None) -> dict[str, Any]:
     """Fastest (stage, offload, micro-batch, checkpointing) that fits, keeping the spec's global batch
     (micro-batch x grad_accum x GPUs) as close as the micro-batch allows.
 
@@ -167,7 +188,7 @@ def recommend(cfg: Config, shape: ModelShape, hw: GPU, n: int, per_node: int, im
             if mb * n > global_batch and mb > 1:
                 break
             ga = max(1, round(global_batch / (mb * n)))
-            row = _row(cfg, shape, hw, n, per_node, option, mb, ga, images, util, budget)
+            row = _row(cfg, shape, hw, n, per_node, option, mb, ga, images, util, budget, interconnect, host_memory)
             if row.fits or row.fits_ckpt:
                 fitting.append((row, mb, ga))
     best = None
@@ -176,8 +197,10 @@ def recommend(cfg: Config, shape: ModelShape, hw: GPU, n: int, per_node: int, im
         near = [c for c in fitting if c[0].tokens_per_s >= 0.97 * fastest]
         best = min(near, key=lambda c: (c[0].offload_optimizer != "none", c[0].stage, -c[1]))
     if best is None:
-        return {"fits": False, "reason": f"nothing fits on {n} x {hw.name}, even ZeRO-3 with NVMe offload and "
-                                         "micro-batch 1: add GPUs, shorten data.max_seq_len or shrink the model"}
+        host = "" if host_memory is None else f" and {host_memory / GiB:.0f} GiB of host memory per node"
+        return {"fits": False, "reason": f"nothing fits on {n} x {hw.name}{host}, even ZeRO-3 with NVMe offload and "
+                                         "micro-batch 1: add GPUs or host memory (job.memory_per_node), shorten "
+                                         "data.max_seq_len or shrink the model"}
     row, mb, ga = best
     return {"fits": True, "stage": row.stage, "offload_optimizer": row.offload_optimizer,
             "offload_param": row.offload_param, "micro_batch_size": mb, "grad_accum": ga,
@@ -207,9 +230,13 @@ def format_plan(plan: Plan) -> str:
         f"{plan.images_per_sample} image(s) per sample (worst case for memory)",
         f"assumed utilisation {plan.utilisation:.0%} of {hw.peak_flops[plan.precision] / 1e12:.0f} TFLOPS peak on executed "
         f"FLOPs; token budget {plan.token_budget:.3g} tokens",
+        f"between nodes: {plan.interconnect} at {inter_node_bw(hw, plan.interconnect, plan.gpus_per_node) / 1e9:.1f} GB/s "
+        f"per GPU; host memory per node: " + ("not checked (no job.memory_per_node)" if plan.host_memory is None else
+        f"{plan.host_memory / GiB:.0f} GiB (job.memory_per_node), {host_usable(plan.host_memory, plan.gpus_per_node) / GiB:.0f} "
+        "GiB for model states after Ray's object store and the training processes"),
         "",
-        "memory per GPU in GiB (act = activations; ckpt = activation checkpointing); host/NVMe per node in GiB; "
-        "* = the spec's setting",
+        "memory per GPU in GiB (act = activations; ckpt = activation checkpointing); host/NVMe per node in GiB "
+        "(! = over the host memory); * = the spec's setting",
         f"{'stage':>5} {'offload':>10} {'params':>6} {'grads':>6} {'optim':>6} {'states':>6} {'act':>6} "
         f"{'total':>6} {'fits':>4} {'act+ck':>6} {'total':>6} {'fits':>4} {'host':>6} {'nvme':>6} "
         f"{'ckpt':>4} {'step s':>7} {'tokens/s':>9} {'MFU':>5} {'days':>7}",
@@ -221,7 +248,8 @@ def format_plan(plan: Plan) -> str:
             f"{mark}{r.stage:>4} {off:>10} {_g(r.states.params)} {_g(r.states.grads)} {_g(r.states.optimizer)} "
             f"{_g(r.states.gpu_total)} {_g(r.activations)} {_g(r.total)} {'yes' if r.fits else 'no':>4} "
             f"{_g(r.activations_ckpt)} {_g(r.total_ckpt)} {'yes' if r.fits_ckpt else 'no':>4} "
-            f"{_g(r.states.cpu_per_node)} {_g(r.states.nvme_per_node)} {'on' if r.checkpointing else 'off':>4} "
+            f"{_g(r.states.cpu_per_node)}{' ' if r.fits_host else '!'}{_g(r.states.nvme_per_node)} "
+            f"{'on' if r.checkpointing else 'off':>4} "
             f"{r.step_s:7.2f} {r.tokens_per_s:9.0f} {r.mfu:5.1%} {r.days:7.1f}")
     rec = plan.recommendation
     out.append("")
@@ -256,7 +284,7 @@ def run_plan(args: argparse.Namespace) -> int:
         # The GPU kind and node size default to the spec's job section (jobs/*.yaml state both).
         plan = make_plan(cfg, args.gpus, args.gpu or cfg.job.gpu_type or "h100-80gb",
                          args.gpus_per_node or cfg.job.gpus_per_node or None, args.tokens, args.utilisation,
-                         args.images_per_sample, spec=str(args.spec))
+                         args.images_per_sample, spec=str(args.spec), interconnect=args.interconnect)
     except ConfigError as err:
         print(f"cxrfm plan: {err}", file=sys.stderr)
         return 2
@@ -282,6 +310,9 @@ def add_plan_parser(subparsers) -> argparse.ArgumentParser:
                    help="share of peak FLOP/s the GPUs sustain on executed FLOPs (default 0.45)")
     p.add_argument("--images-per-sample", type=int, default=3, choices=(1, 2, 3),
                    help="images encoded per sample: frontal, lateral, prior (default 3, the worst case)")
+    p.add_argument("--interconnect", default="rdma", choices=INTERCONNECTS,
+                   help="fabric between nodes: rdma (a NIC per GPU: InfiniBand, RoCE, EFA) or tcp (NCCL sockets "
+                        "over one shared Ethernet NIC per node); default rdma")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=run_plan)

@@ -54,6 +54,26 @@ FRAGMENTATION = 0.05  # caching-allocator slack, as a share of the GPU
 CPU_ADAM_PARAMS_PER_S = 1.0e9  # DeepSpeedCPUAdam throughput per node (AVX-512, all cores)
 NVME_BW = 6e9  # bytes/s per node, one PCIe 4 NVMe drive (read and write alike)
 DS_BUFFER_FACTOR = 1.5  # DeepSpeed's `additional_buffer_factor` for host memory
+# The fabric between nodes: "rdma" (InfiniBand / RoCE / EFA, one NIC per GPU; the GPU's inter_node_bw)
+# or "tcp" (NCCL's socket transport over the node's one Ethernet NIC, shared by all its GPUs).
+INTERCONNECTS = ("rdma", "tcp")
+TCP_NODE_BW = 100e9 / 8 * 0.7  # bytes/s per node: a 100 Gb/s NIC at the ~70% NCCL sockets reach
+# Host memory per node that model states may take: Ray's object store reserves 30% of the pod's memory
+# by default, and each training process keeps a few GiB of its own (CUDA context, torch, data loader).
+HOST_USABLE_SHARE = 0.7
+HOST_PER_PROCESS = 4 * GiB
+
+
+def inter_node_bw(gpu: GPU, interconnect: str, gpus_per_node: int) -> float:
+    """Bytes/s per GPU for collectives that cross nodes (the ring's bottleneck link, per GPU)."""
+    if interconnect not in INTERCONNECTS:
+        raise ValueError(f"unknown interconnect {interconnect!r}; known: {', '.join(INTERCONNECTS)}")
+    return gpu.inter_node_bw if interconnect == "rdma" else TCP_NODE_BW / gpus_per_node
+
+
+def host_usable(memory_per_node: int, gpus_per_node: int) -> int:
+    """Bytes of a node's memory the planner lets model states (offload, checkpoint loading) use."""
+    return int(memory_per_node * HOST_USABLE_SHARE - gpus_per_node * HOST_PER_PROCESS)
 
 
 @dataclass

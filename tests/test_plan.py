@@ -263,3 +263,49 @@ def test_plan_defaults_to_the_specs_gpus(capsys):
     assert rc == 0 and "on 64 x a100-80gb (8 node(s) x 8)" in out and "recommended: ZeRO-" in out
     rc, out, _ = _plan_cli([str(PRETRAIN), "--set", "job.num_nodes=16", "--set", "job.gpus_per_node=4"], capsys)
     assert rc == 0 and "on 64 x h100-80gb (16 node(s) x 4)" in out and "recommended: ZeRO-" in out
+
+
+def test_interconnect_is_a_parameter_of_the_step_time(pretrain, capsys):
+    """Across nodes, NCCL over TCP (one shared 100 Gb/s NIC per node) exposes far more communication than
+    RDMA (a NIC per GPU); inside one node the fabric plays no part."""
+    from cxrfm.plan import GPUS, inter_node_bw
+
+    cfg, model = pretrain
+    h100 = GPUS["h100-80gb"]
+    assert inter_node_bw(h100, "rdma", 8) == h100.inter_node_bw
+    assert inter_node_bw(h100, "tcp", 8) == pytest.approx(100e9 / 8 * 0.7 / 8)
+    rdma, tcp = make_plan(cfg, 64, "h100-80gb", model=model), make_plan(cfg, 64, "h100-80gb", model=model, interconnect="tcp")
+    for a, b in zip(rdma.rows, tcp.rows):
+        assert b.step_s > a.step_s and b.tokens_per_s < a.tokens_per_s
+        assert (a.total, a.fits, a.fits_ckpt) == (b.total, b.fits, b.fits_ckpt)  # memory does not depend on it
+    z3 = {(r.stage, r.offload_optimizer): r for r in tcp.rows}[(3, "none")]
+    assert z3.step_s > 10 * {(r.stage, r.offload_optimizer): r for r in rdma.rows}[(3, "none")].step_s
+    one_node = [make_plan(cfg, 8, "h100-80gb", model=model, interconnect=i) for i in ("rdma", "tcp")]
+    assert [r.step_s for r in one_node[0].rows] == [r.step_s for r in one_node[1].rows]
+    rc, out, _ = _plan_cli([str(PRETRAIN), "--interconnect", "tcp"], capsys)
+    assert rc == 0 and "between nodes: tcp at 1.1 GB/s per GPU" in out
+    with pytest.raises(SystemExit):
+        _plan_cli([str(PRETRAIN), "--interconnect", "carrier-pigeon"], capsys)
+
+
+def test_offloaded_states_must_fit_the_nodes_host_memory(pretrain, capsys):
+    """One L4 per node needs the optimizer offloaded to host memory (~184 GB for 7.7 B parameters): it fits
+    the spec's 1280Gi nodes, not 128Gi ones, and the plan says so instead of recommending it."""
+    from cxrfm.plan import host_usable
+
+    cfg, model = pretrain
+    big = make_plan(cfg, 1, "l4-24gb", model=model)
+    assert big.host_memory == 1280 * GiB and big.recommendation["fits"]
+    assert big.recommendation["offload_optimizer"] != "none"
+    small = make_plan(cfg, 1, "l4-24gb", model=model, host_memory=128 * GiB)
+    offloaded = [r for r in small.rows if r.offload_optimizer == "cpu"]
+    assert offloaded and not any(r.fits_host or r.fits or r.fits_ckpt for r in offloaded)
+    assert all(r.states.cpu_per_node > host_usable(128 * GiB, 1) for r in offloaded)
+    # What still fits: states on NVMe, host memory keeping only swap buffers.
+    assert small.recommendation["fits"] and small.recommendation["offload_optimizer"] == "nvme"
+    assert big.recommendation["offload_optimizer"] == "cpu"
+    rc, out, _ = _plan_cli([str(PRETRAIN), "--gpus", "1", "--gpu", "l4-24gb", "--gpus-per-node", "1",
+                            "--set", "job.memory_per_node=128Gi"], capsys)
+    assert "128 GiB (job.memory_per_node)" in out
+    rows = [line for line in out.splitlines() if "cpu/" in line]
+    assert rows and all("!" in line for line in rows)
