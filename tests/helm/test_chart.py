@@ -1,8 +1,9 @@
 """The Helm chart, rendered and linted by the real Helm engine (helm-python-sdk, Helm v4 in-process),
 for the default values and several value sets. Every rendered object is validated: core objects with
 kubernetes-validate (Kubernetes 1.30 schemas, strict), KubeRay objects against the KubeRay v1.7.0 CRD
-schemas vendored in tests/helm/crds (unknown fields are errors). The cluster/
-RayCluster specs are checked the same way."""
+schemas vendored in tests/helm/crds (unknown fields are errors). The cluster/ RayCluster specs are
+checked the same way. Value checks are in test_values.py, reachability in test_networkpolicy.py and the
+security linter in test_linter.py."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ import pytest
 import yaml
 
 from cxrfm.kube import validate_kuberay
-from tests.helm.render import (CHART, CRDS, K8S_VERSION, REPO, TENANT_KEY, TENANTS_YAML, VALUE_SETS, by_name, helm,
-                               load_chart, pod_specs, render)
+from tests.helm.render import (CHART, CRDS, K8S_VERSION, REPO, TENANT_KEY, TENANTS_YAML, VALUE_SETS, helm, load_chart,
+                               pod_specs, render)
 
 
 @pytest.fixture(scope="module")
