@@ -242,9 +242,25 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(100, ge=1)
     keep_last: int = Field(2, ge=1)
     max_failures: int = Field(2, ge=0)
+    # Custom Ray resources each Ray Train worker asks for besides train.cpus_per_worker CPUs (and a GPU with
+    # use_gpu), e.g. {trainer_slot: 1} to place one worker on each node that offers one slot.
+    resources_per_worker: dict[str, float] = Field(default_factory=dict)
+    # Times the workers may fail to start (no capacity after a node is lost: each wait is Ray Train's
+    # RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S, 60 s by default) before the run stops and says how to resume.
+    capacity_retries: int = Field(5, ge=0)
     output_dir: str = "runs/tiny"
     # Extra environment of every Ray Train worker (NCCL_* settings, TRITON_INTERPRET=1 for CPU tests, ...).
     worker_env: dict[str, str] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _custom_resources(self) -> "TrainConfig":
+        builtin = {"CPU", "GPU", "memory"} & set(self.resources_per_worker)
+        if builtin:
+            raise ValueError(f"train.resources_per_worker names {sorted(builtin)}: set CPUs with train.cpus_per_worker "
+                             "and GPUs with train.use_gpu; list only custom resources there")
+        if any(v <= 0 for v in self.resources_per_worker.values()):
+            raise ValueError(f"train.resources_per_worker {self.resources_per_worker}: every amount must be positive")
+        return self
 
 
 class DeepSpeedConfig(_Section):
