@@ -27,6 +27,9 @@ ROLES = ("frontal", "lateral", "prior")
 def decode_base64(text: str, field: str) -> bytes:
     if text.startswith("data:"):  # data URLs from browsers: data:image/png;base64,....
         text = text.partition(",")[2]
+    # Line breaks and spaces are layout (the `base64` tool wraps at 76 columns, MIME at 76 too): dropped
+    # before the strict check, which still refuses every other non-alphabet character.
+    text = "".join(text.split())
     try:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):

@@ -12,7 +12,9 @@ exception escape. Serving re-exports it as InputError; converters turn it into a
 from __future__ import annotations
 
 import io
+import math
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -67,6 +69,15 @@ def _decode_pil(data: bytes, kind: str, field: str, max_pixels: int) -> np.ndarr
             im.load()
     except ImageDecodeError:
         raise
+    except Image.DecompressionBombError:  # PIL's own limit, hit in open() before ours: still "too large"
+        raise ImageDecodeError(413, "image_too_large", f"{field}: the image declares more pixels than "
+                               f"{max_pixels}; downsample it before sending", field) from None
+    except ValueError as e:
+        if "Decompressed Data Too Large" in str(e):  # a compressed text/ICC chunk that inflates past PIL's cap
+            raise ImageDecodeError(413, "image_too_large", f"{field}: a compressed chunk of the {kind.upper()} file "
+                                   "inflates past the decoder's limit; strip its metadata", field) from None
+        raise ImageDecodeError(400, "corrupt_image", f"{field}: the {kind.upper()} data cannot be decoded "
+                               f"(truncated or corrupt: {type(e).__name__})", field) from None
     except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError... for bad data
         raise ImageDecodeError(400, "corrupt_image", f"{field}: the {kind.upper()} data cannot be decoded "
                          f"(truncated or corrupt: {type(e).__name__})", field) from None
@@ -75,13 +86,17 @@ def _decode_pil(data: bytes, kind: str, field: str, max_pixels: int) -> np.ndarr
     return np.asarray(im.convert("L"), dtype=np.uint8)
 
 
-def _window(arr: np.ndarray, center: float, width: float, function: str) -> np.ndarray:
-    """VOI windowing to [0, 1] per DICOM PS3.3 C.11.2.1.2."""
+def _window(arr: np.ndarray, center: float, width: float, function: str, field: str = "image") -> np.ndarray:
+    """VOI windowing to [0, 1] per DICOM PS3.3 C.11.2.1.2 (width >= 1 for LINEAR, > 0 otherwise)."""
+    least = 1.0 if function not in ("SIGMOID", "LINEAR_EXACT") else 0.0
+    if not (math.isfinite(center) and math.isfinite(width)) or width < least or (least == 0.0 and width <= 0):
+        raise ImageDecodeError(400, "dicom_bad_window", f"{field}: WindowCenter {center} / WindowWidth {width} is not a "
+                               f"valid {function} window (the width must be {'>= 1' if least else '> 0'}); fix or "
+                               "remove the stored window", field)
     if function == "SIGMOID":
         return 1.0 / (1.0 + np.exp(-4.0 * (arr - center) / width))
     if function == "LINEAR_EXACT":
         return np.clip((arr - center) / width + 0.5, 0.0, 1.0)
-    width = max(width, 1.0)  # LINEAR requires width >= 1
     return np.clip((arr - (center - 0.5)) / (width - 1.0 if width > 1 else 1.0) + 0.5, 0.0, 1.0)
 
 
@@ -92,10 +107,82 @@ def _first(value) -> float:
         return float(value)
 
 
+def _check_deflated(data: bytes, field: str, max_pixels: int) -> None:
+    """A deflated dataset is inflated whole by pydicom: inflate it here first, bounded (8 bytes a pixel
+    is far more than any grayscale dataset with its header needs), so a zip bomb is a 413, not an OOM."""
+    import pydicom
+    from pydicom.uid import DeflatedExplicitVRLittleEndian
+
+    try:
+        meta = pydicom.filereader.read_file_meta_info(io.BytesIO(data))
+    except Exception:  # noqa: BLE001 - dcmread reports the malformed file itself
+        return
+    if meta.get("TransferSyntaxUID") != DeflatedExplicitVRLittleEndian:
+        return
+    start = data.index(b"DICM") + 4  # meta group: tag (2+2) VR "UL" len(2) value(4) = group length
+    if data[start:start + 6] != b"\x02\x00\x00\x00UL":
+        raise ImageDecodeError(400, "corrupt_dicom", f"{field}: a deflated DICOM needs its File Meta group length "
+                               "(0002,0000)", field)
+    group_len = int.from_bytes(data[start + 8:start + 12], "little")
+    inflater, limit = zlib.decompressobj(-zlib.MAX_WBITS), 8 * max_pixels + 2**20
+    try:
+        inflater.decompress(data[start + 12 + group_len:], limit)
+    except zlib.error:
+        raise ImageDecodeError(400, "corrupt_dicom", f"{field}: the deflated DICOM dataset cannot be inflated",
+                               field) from None
+    if inflater.unconsumed_tail:
+        raise ImageDecodeError(413, "image_too_large", f"{field}: the deflated DICOM dataset inflates past "
+                               f"{limit} bytes; send it uncompressed or downsampled", field)
+
+
+def _embedded_size(frame: bytes) -> tuple[int, int] | None:
+    """(width, height) a compressed DICOM frame really holds, read by Pillow from the frame's own header
+    (JPEG SOF, JPEG 2000 SIZ) without decoding it; None when Pillow does not know the format."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            im = Image.open(io.BytesIO(frame), formats=["JPEG", "JPEG2000"])
+        return im.width, im.height
+    except Image.DecompressionBombError:
+        return 2**31, 2**31  # bigger than any pixel limit: refused as too large
+    except Exception:  # noqa: BLE001 - not a format Pillow knows (JPEG-LS, ...)
+        return None
+
+
+def _check_embedded(ds, rows: int, cols: int, field: str, max_pixels: int) -> None:
+    """The header's Rows/Columns are only a claim: a compressed frame is checked against the pixel limit
+    and against that claim from its own header, before anything is decompressed."""
+    from pydicom.encaps import get_frame
+
+    syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or not syntax.is_encapsulated or syntax == "1.2.840.10008.1.2.5":  # RLE: sized by the header
+        return
+    try:
+        frame = get_frame(ds.PixelData, 0, number_of_frames=1)
+    except Exception as e:  # noqa: BLE001 - broken encapsulation: nothing to check, nothing to decode
+        raise ImageDecodeError(400, "corrupt_dicom", f"{field}: the encapsulated pixel data cannot be read "
+                               f"({type(e).__name__})", field) from None
+    size = _embedded_size(frame)
+    if size is None:
+        raise ImageDecodeError(415, "dicom_unsupported_syntax", f"{field}: the compressed pixel data "
+                               f"(transfer syntax '{getattr(syntax, 'name', syntax)}') is not JPEG or JPEG 2000, "
+                               "so its size cannot be checked before decoding; send uncompressed DICOM",
+                               field)
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageDecodeError(413, "image_too_large", f"{field}: the compressed image inside the DICOM is "
+                               f"{width}x{height} pixels (its header says {cols}x{rows}), over the limit of "
+                               f"{max_pixels} pixels", field)
+    if (width, height) != (cols, rows):
+        raise ImageDecodeError(400, "dicom_inconsistent_size", f"{field}: the compressed image is {width}x{height} "
+                               f"pixels but Rows/Columns say {cols}x{rows}; the file is inconsistent", field)
+
+
 def _decode_dicom(data: bytes, field: str, max_pixels: int) -> np.ndarray:
     import pydicom
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+    _check_deflated(data, field, max_pixels)
     try:
         ds = pydicom.dcmread(io.BytesIO(data))
     except Exception as e:  # noqa: BLE001 - pydicom raises several types for malformed files
@@ -106,6 +193,7 @@ def _decode_dicom(data: bytes, field: str, max_pixels: int) -> np.ndarray:
                          "(element (7FE0,0010) is missing); send the image object, not a report or SR", field)
     rows, cols = int(ds.get("Rows", 0)), int(ds.get("Columns", 0))
     _check_pixels(cols, rows, field, max_pixels)
+    _check_embedded(ds, rows, cols, field, max_pixels)
     frames = int(ds.get("NumberOfFrames", 1) or 1)
     if frames > 1:
         raise ImageDecodeError(400, "dicom_multiframe", f"{field}: multi-frame DICOM ({frames} frames); send one image", field)
@@ -129,7 +217,7 @@ def _decode_dicom(data: bytes, field: str, max_pixels: int) -> np.ndarray:
         arr = apply_modality_lut(arr, ds).astype(np.float32)
         if "WindowCenter" in ds and "WindowWidth" in ds:
             function = str(ds.get("VOILUTFunction", "LINEAR")).upper()
-            out = _window(arr, _first(ds.WindowCenter), _first(ds.WindowWidth), function)
+            out = _window(arr, _first(ds.WindowCenter), _first(ds.WindowWidth), function, field)
             img = (out * 255.0 + 0.5).astype(np.uint8)
         elif "VOILUTSequence" in ds:
             img = _to_uint8(apply_voi_lut(arr, ds))

@@ -87,3 +87,66 @@ def test_base64_and_study_rules():
     with pytest.raises(InputError, match="limit") as e:
         decode_study({"frontal": png, "lateral": png}, len(png) + 10, 10**7)
     assert e.value.status == 413
+
+
+# ---- decompression bombs and inconsistent files --------------------------------------------------------
+def test_dicom_whose_embedded_jpeg_is_larger_than_its_header_is_413_before_decoding(monkeypatch):
+    from .conftest import jpeg_dicom_bytes
+
+    assert decode_image(jpeg_dicom_bytes(64, 64, 64), "f").shape == (64, 64)  # a consistent one decodes
+    bomb = jpeg_dicom_bytes(3000, 64, 64)  # 9 Mpx inside a header claiming 64x64
+    import pydicom
+
+    def no_decoding(self):
+        raise AssertionError("pixel data was decoded before its real size was checked")
+
+    monkeypatch.setattr(pydicom.dataset.Dataset, "pixel_array", property(no_decoding))
+    err = _fails(bomb, 413, "image_too_large", max_pixels=4_000_000)
+    assert "3000x3000" in err.message and "64x64" in err.message
+    err = _fails(jpeg_dicom_bytes(128, 64, 64), 400, "dicom_inconsistent_size")
+    assert "128x128" in err.message
+
+
+def test_png_decompression_bomb_past_pillows_own_limit_is_413():
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    side = 20_000  # 400 Mpx: over Pillow's DecompressionBombError threshold, a tiny file
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    png = (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0))
+           + chunk(b"IDAT", zlib.compress(b"\0" * (side + 1) * 4)) + chunk(b"IEND", b""))
+    assert side * side > 2 * Image.MAX_IMAGE_PIXELS
+    _fails(png, 413, "image_too_large", max_pixels=10**12)  # our limit is not what stops it
+    _fails(png, 413, "image_too_large")
+
+
+@pytest.mark.parametrize("center,width,function", [(2048, 0, None), (2048, 0, "SIGMOID"), (2048, 0.5, None),
+                                                   (2048, -10, "LINEAR_EXACT")])
+def test_dicom_window_width_that_cannot_be_applied_is_400(center, width, function):
+    dcm = dicom_bytes(ramp(), center=center, width=width)
+    if function:
+        import io
+
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(dcm))
+        ds.VOILUTFunction = function
+        buf = io.BytesIO()
+        ds.save_as(buf)
+        dcm = buf.getvalue()
+    err = _fails(dcm, 400, "dicom_bad_window")
+    assert "WindowWidth" in err.message
+
+
+def test_base64_with_line_breaks_is_accepted():
+    import base64 as b64
+
+    png = image_bytes()
+    wrapped = b64.encodebytes(png).decode()  # what the `base64` tool writes: 76 columns, newlines
+    assert "\n" in wrapped.strip() and decode_base64(wrapped, "x") == png
+    assert decode_base64(wrapped.replace("\n", "\r\n"), "x") == png
+    with pytest.raises(InputError):
+        decode_base64(wrapped.replace("\n", "!"), "x")
