@@ -116,6 +116,8 @@ def test_serving_gpus_reach_the_serve_config(chart, gpus, per_replica):
     run on the CPU and ask for none. The ingress and the limiter never take a GPU."""
     from ray.serve.schema import ServeDeploySchema
 
+    from cxrfm.serving.app import AppArgs
+
     service = by_name(render(chart, {"serving": {"workers": {"gpusPerWorker": gpus, "gpusPerReplica": per_replica}}}))[
         ("RayService", "demo-cxrfm")]
     config = yaml.safe_load(service["spec"]["serveConfigV2"])
@@ -128,8 +130,9 @@ def test_serving_gpus_reach_the_serve_config(chart, gpus, per_replica):
         assert options.get("num_gpus") == (per_replica if gpus else None), name
     assert "num_gpus" not in deployments["Ingress"].get("ray_actor_options", {})
     assert deployments["TenantLimiter"]["ray_actor_options"] == {"num_cpus": 0}
+    args = AppArgs.model_validate(app["args"])  # the application accepts what the chart gives it
     if gpus:
-        assert app["args"]["device"] == "cuda" and app["args"]["dtype"] == "bfloat16"
+        assert args.device == "cuda" and args.dtype == "bfloat16"
     else:
         assert app["args"]["device"] == "cpu" and "dtype" not in app["args"]
 
