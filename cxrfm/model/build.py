@@ -43,7 +43,12 @@ def build_model(cfg: Config, vocab_size: int | None = None, device: str | torch.
     zero3_config: the DeepSpeed config; parameters are partitioned across ranks as they are created.
     attention: overrides cfg.model.attention. fallback: see `resolve_runtime` (exports trained elsewhere).
     """
-    vocab_size = vocab_size or default_vocab_size(cfg)
+    configured = cfg.model.language.vocab_size
+    if configured and vocab_size and vocab_size > configured:
+        raise ValueError(f"model.language.vocab_size={configured} is smaller than the tokenizer's {vocab_size} tokens; "
+                         "raise it or leave it unset (null: the tokenizer's size)")
+    # a configured vocabulary may be larger than the tokenizer (padded embedding, e.g. 128256 for a Llama-3 shape)
+    vocab_size = configured or vocab_size or default_vocab_size(cfg)
     dev = torch.device("meta") if str(device) == "meta" else resolve_device(device)
     dt = resolve_dtype(dtype, dev)
     runtime = resolve_runtime(cfg.model, dev, dt, attention, fallback)
@@ -88,6 +93,7 @@ def load_export(path: str | Path, device: str | torch.device = "auto", dtype: st
     dt = resolve_dtype(dtype, dev) or torch.float32
     if check_memory:
         check_fits(Path(path) / WEIGHTS, dev, dt, what=f"model {Path(path)}")
+    cfg.model.language.vocab_size = meta["vocab_size"]  # the saved weights' size, whatever the config said
     model = build_model(cfg, meta["vocab_size"], dev, dt, attention=attention, image_token_id=meta["image_token_id"],
                         fallback=True)
     state = load_file(str(Path(path) / WEIGHTS), device=str(dev))
