@@ -174,3 +174,17 @@ def test_release_pods_cannot_reach_unlisted_ports_of_each_other(name):
         for kind in ("Ingress", "Egress"):
             assert any(kind in p["spec"]["policyTypes"] and matches(p["spec"]["podSelector"], pod.label_dict())
                        for p in policies), (pod.name, kind)
+
+
+@pytest.mark.parametrize("endpoint,port", [("https://s3.example.org", 443), ("http://minio.storage:9000", 9000),
+                                           ("http://s3.local", 80), ("", 443)])
+def test_mlflow_egress_to_an_external_object_store_uses_its_port(endpoint, port):
+    values = {"mlflow": {"artifactStore": {"internal": False, "endpointUrl": endpoint, "existingSecret": "s3"}}}
+    chart = load_chart()
+    try:
+        docs = render(chart, values, namespace=NS)
+    finally:
+        chart.close()
+    (policy,) = [d for d in docs if d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == "demo-cxrfm-mlflow"]
+    open_ports = [p["port"] for rule in policy["spec"]["egress"] if "to" not in rule for p in rule["ports"]]
+    assert open_ports == [port]  # the internal database is reached by pod selector, not by port alone
