@@ -91,14 +91,14 @@ def test_mixture_paths_params_and_joint_tokenizer(two_sources):
     paths, skipped = mixture_paths(cfg, "train")
     assert skipped == {}
     got = _samples_per_source(paths, two_sources)
-    assert 2.5 <= got["synthetic"] / got["iu_xray"] <= 3.5  # 3:1 by weight; IU's 2 studies are cycled
+    assert 2.5 <= got["synthetic"] / got["iu_xray"] <= 3.5  # 3:1 by weight; IU's 3 training studies are cycled
     assert len([p for p in paths if "/s2/" in p]) > 2
     val, _ = mixture_paths(cfg, "val")  # evaluation splits: every shard once
     assert len(val) == len(set(val))
 
     params = mixture_params(cfg)
     assert params["data.mixture.synthetic.weight"] == "3.0"
-    assert params["data.mixture.iu_xray.counts.iu_xray.train"] == "2"
+    assert params["data.mixture.iu_xray.counts.iu_xray.train"] == "3"
     assert params["data.mixture.synthetic.license.synthetic"] == "CC0-1.0"
     assert "CC BY-NC-ND" in params["data.mixture.iu_xray.license.iu_xray"]
 
