@@ -279,6 +279,14 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted; checkpoints written so far are kept (resume with --resume RUN)", file=sys.stderr)
         return 130
+    except RuntimeError as e:
+        from cxrfm.data.store import StoreError
+        from cxrfm.train.trainer import RunStopped
+
+        if not isinstance(e, (RunStopped, StoreError)):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 1 if isinstance(e, RunStopped) else 2
 
 
 if __name__ == "__main__":

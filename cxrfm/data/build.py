@@ -12,18 +12,22 @@ or setting starts over.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import logging
 import multiprocessing
 import os
+import shutil
 import tarfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 
 from cxrfm.config import DataConfig
+from cxrfm.data import store
 from cxrfm.data.schema import SCHEMA_VERSION, Study
-from cxrfm.data.shards import MANIFEST, SPLITS, sha256_file, shard_name, write_manifest, write_shard
+from cxrfm.data.shards import MANIFEST, SPLITS, shard_name, write_manifest, write_shard
 from cxrfm.data.sources import get_converter
 from cxrfm.data.sources.base import BuildReport, StudyRecord, count_duplicates, records_digest, resize_study
 
@@ -172,7 +176,7 @@ def _train_texts(out: Path, entries: list[dict]) -> list[str]:
     for entry in entries:
         if entry["split"] != "train" or not entry["samples"]:
             continue
-        with tarfile.open(out / entry["path"]) as tar:
+        with tarfile.open(fileobj=io.BytesIO(store.read_bytes(store.join(out, entry["path"])))) as tar:
             for member in tar:
                 if member.isfile() and member.name.endswith(".json"):
                     texts.extend(study_texts(Study.model_validate_json(tar.extractfile(member).read())))
@@ -251,8 +255,20 @@ def build_from_source(cfg: DataConfig, out: str | Path, on_shard_done: Callable[
 
 
 def build(cfg: DataConfig, out: str | Path) -> dict:
-    """Write shards and the tokenizer to `out`; returns the manifest."""
-    return build_from_source(cfg, out)
+    """Write shards and the tokenizer to `out`; returns the manifest.
+
+    `out` may be a store URI (s3://bucket/prefix): the build runs in a local staging directory (resumable,
+    like a local build) and is then uploaded, manifest.json last, so a reader that finds the manifest finds
+    every shard it lists. The staging copy is removed after the upload."""
+    if not store.is_remote(out):
+        return build_from_source(cfg, out)
+    store.check_access(out)  # bad credentials fail here, before any shard is converted
+    base = Path(os.environ.get(store.TOKENIZER_CACHE_ENV) or Path.home() / ".cache" / "cxrfm")
+    staging = base / "staging" / hashlib.sha256(str(out).encode()).hexdigest()[:16]
+    manifest = build_from_source(cfg, staging)
+    store.upload_dir(staging, str(out), last=(MANIFEST,))
+    shutil.rmtree(staging, ignore_errors=True)
+    return manifest
 
 
 def ensure_mixture_tokenizer(cfg: DataConfig) -> Path:
@@ -263,25 +279,28 @@ def ensure_mixture_tokenizer(cfg: DataConfig) -> Path:
     """
     from cxrfm.text.tokenizer import train_tokenizer
 
-    out = Path(cfg.shards)
-    wanted = []
-    for m in cfg.sources:
-        manifest = Path(m.shards) / MANIFEST
-        if not manifest.is_file():
+    out = Path(cfg.shards)  # the joint tokenizer is written locally (a remote data.shards is not supported here)
+    wanted, manifests = [], {}
+    for m in cfg.sources:  # each source local or in a store (s3://...)
+        store.check_access(m.shards)
+        try:
+            raw = store.read_bytes(store.join(m.shards, MANIFEST))
+        except FileNotFoundError:
             raise FileNotFoundError(f"data.sources: {m.name} has no shards at {m.shards}; build them first: "
-                                    f"cxrfm data build --source {m.name} --root DATASET_DIR --out {m.shards}")
-        built_from = json.loads(manifest.read_text()).get("sources", [])
+                                    f"cxrfm data build --source {m.name} --root DATASET_DIR --out {m.shards}") from None
+        manifests[m.name] = json.loads(raw)
+        built_from = manifests[m.name].get("sources", [])
         if m.name not in built_from:
             raise ValueError(f"data.sources: the entry named {m.name!r} points at {m.shards}, which holds shards of "
                              f"{built_from}; fix the name or the path")
-        wanted.append({"name": m.name, "shards": str(Path(m.shards).resolve()), "manifest_sha256": sha256_file(manifest)})
+        wanted.append({"name": m.name, "shards": store.absolute(m.shards), "manifest_sha256": hashlib.sha256(raw).hexdigest()})
     record = out / "mixture.json"
     if (out / "tokenizer" / "tokenizer.json").is_file() and record.is_file() and \
             json.loads(record.read_text()).get("sources") == wanted:
         return out
     texts: list[str] = []
     for m in cfg.sources:
-        texts += _train_texts(Path(m.shards), json.loads((Path(m.shards) / MANIFEST).read_text())["shards"])
+        texts += _train_texts(m.shards, manifests[m.name]["shards"])
     if not texts:
         raise ValueError(f"data.sources: no training texts in {[m.shards for m in cfg.sources]}")
     out.mkdir(parents=True, exist_ok=True)
@@ -296,6 +315,15 @@ def ensure_shards(cfg: DataConfig) -> Path:
     With data.sources (a mixture) every source must be built; the joint tokenizer is made here."""
     if cfg.sources:
         return ensure_mixture_tokenizer(cfg)
+    if store.is_remote(cfg.shards):
+        store.check_access(cfg.shards)
+        if store.exists(store.join(cfg.shards, MANIFEST)):
+            return cfg.shards
+        if cfg.source != "synthetic":
+            raise FileNotFoundError(f"no shards at {cfg.shards}; build them first: cxrfm data build --source "
+                                    f"{cfg.source} --root DATASET_DIR --out {cfg.shards}")
+        build(cfg, cfg.shards)
+        return cfg.shards
     out = Path(cfg.shards)
     if (out / MANIFEST).is_file() and (out / "tokenizer" / "tokenizer.json").is_file():
         return out

@@ -19,10 +19,9 @@ Evaluation splits are not weighted: every shard of every source is read once.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
+from cxrfm.data import store
 from cxrfm.data.shards import load_manifest, shard_paths
 
 
@@ -65,17 +64,21 @@ def mixture_schedule(sources: list[tuple[str, float, list[tuple[str, int]]]], se
     return [p for _, _, p in sorted(placed)]
 
 
-def mixture_paths(data_cfg, split: str) -> tuple[list[str], dict[str, int]]:
-    """Shard paths to read for `split` (weighted for train), and the samples excluded before reading."""
+def mixture_paths(data_cfg, split: str, verify: bool | None = None) -> tuple[list[str], dict[str, int]]:
+    """Shard paths to read for `split` (weighted for train), and the samples excluded before reading.
+
+    `verify` (default data.verify_shards): hash every shard here; the training pipeline passes False
+    and checks each shard's sha256 as it streams it (data/pipeline.py), reading it once."""
+    verify = data_cfg.verify_shards if verify is None else verify
     mix = resolve_sources(data_cfg)
     if len(mix) == 1:
-        return shard_paths(mix[0][2], split, verify=data_cfg.verify_shards)
+        return shard_paths(mix[0][2], split, verify=verify)
     per_source, skipped = [], {}
     for name, weight, root in mix:
-        paths, excluded = shard_paths(root, split, verify=data_cfg.verify_shards)
+        paths, excluded = shard_paths(root, split, verify=verify)
         for reason, n in excluded.items():
             skipped[f"{name}/{reason}"] = skipped.get(f"{name}/{reason}", 0) + n
-        samples = {str(Path(root) / sh["path"]): sh["samples"] for sh in load_manifest(root)["shards"]}
+        samples = {store.join(root, sh["path"]): sh["samples"] for sh in load_manifest(root)["shards"]}
         per_source.append((name, weight, [(p, samples[p]) for p in paths]))
     if split != "train":
         return [p for _, _, shards in per_source for p, _ in shards], skipped

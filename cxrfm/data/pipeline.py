@@ -1,25 +1,39 @@
-"""Ray Data pipeline: read_webdataset -> decode / augment / tokenize in map_batches -> worker shards.
+"""Ray Data pipeline: checked shard reads -> decode / augment / tokenize in map_batches -> worker shards.
 
-Streaming: Ray Data reads shards as blocks and backpressures, so memory does not grow with the
-number of shards. Rows that cannot be decoded are not dropped silently: they stay in the stream
-with `valid = 0` and a `skip_code`, and the training loop counts them and leaves them out of the loss.
+Streaming: Ray Data reads one shard per block and backpressures, so memory does not grow with the
+number of shards. Shards come from local disk or straight from an object store (s3://..., data/store.py).
+Rows that cannot be used are not dropped silently: they stay in the stream with a `skip_code`, and the
+training loop counts them and leaves them out of the loss. That covers a shard deleted after the run
+started, a shard whose sha256 differs from the manifest (checked as it is read, so each byte is read once)
+and samples that do not decode.
+
+The reader is ours, not `read_webdataset`: that one cannot compare a shard with its manifest checksum and
+fails the whole dataset when a file disappears mid-epoch. It reads a shard in one request and unpacks it
+with `tarfile`; rows have the same columns as read_webdataset's (`__key__`, `json`, `<role>.png`).
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
+import io
 import math
+import tarfile
 import zlib
-from pathlib import Path
+from collections import defaultdict
 
 import numpy as np
 
 from cxrfm.config import Config
+from cxrfm.data import store
 from cxrfm.data.samples import ALL_TASKS, ROLES, SampleSpec, choose_task, decode_image, encode_example
 from cxrfm.data.schema import CHEXPERT_LABELS, Study
-from cxrfm.data.mixture import mixture_paths
+from cxrfm.data.mixture import mixture_paths, resolve_sources
+from cxrfm.data.shards import load_manifest
 
-SKIP_REASONS = ("ok", "bad_json", "corrupt_image", "missing_image", "no_task")
+SKIP_REASONS = ("ok", "bad_json", "corrupt_image", "missing_image", "no_task", "missing_shard", "checksum_mismatch",
+                "unreadable_shard")
+MEMBERS = ("json",) + tuple(f"{role}.png" for role in ROLES)  # what a sample may hold; absent ones are b""
 TASK_IDS = {t: i for i, t in enumerate(ALL_TASKS)}
 
 
@@ -53,7 +67,7 @@ class StudyToExample:
         images = {}
         for ref in study.images:
             data = row.get(ref.key)
-            if not isinstance(data, (bytes, bytearray)):
+            if not isinstance(data, (bytes, bytearray)) or not data:
                 return (*self._blank("missing_image"), -1, False)
             try:
                 images[ref.role] = decode_image(data, self.spec.image_size)
@@ -70,12 +84,16 @@ class StudyToExample:
         # A different draw every call (epoch), reproducible for the same seed and stream order.
         rng = np.random.default_rng([self.seed, self.calls, zlib.crc32("".join(map(str, keys)).encode())])
         self.calls += 1
-        columns = {c: batch[c] for c in batch if not c.startswith("__")}
+        columns = {c: batch[c] for c in batch if not c.startswith("__") and c != "shard_skip"}
+        shard_skip = batch.get("shard_skip", np.zeros(len(keys), np.int64))
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "attention_mask", "images", "image_present", "findings")}
         skip, task, trunc = [], [], []
         for i, key in enumerate(keys):
             row = {c: v[i] for c, v in columns.items() if not (isinstance(v[i], float) and math.isnan(v[i]))}
-            example, code, t, truncated = self._one(str(key), row, rng)
+            if shard_skip[i]:  # a placeholder for a sample of a shard that could not be used
+                example, code, t, truncated = *self._blank(SKIP_REASONS[shard_skip[i]]), -1, False
+            else:
+                example, code, t, truncated = self._one(str(key), row, rng)
             for k in out:
                 out[k].append(example[k])
             skip.append(code)
@@ -100,17 +118,59 @@ def map_studies(batch: dict[str, np.ndarray], tokenizer_dir: str, spec: SampleSp
     return _mapper(tokenizer_dir, spec, weights, seed)(batch)
 
 
+def _placeholders(entry: dict, reason: str) -> list[dict]:
+    code = SKIP_REASONS.index(reason)
+    return [{"__key__": f"{entry['path']}#{i}", "shard_skip": code, **{m: b"" for m in MEMBERS}}
+            for i in range(entry["samples"])]
+
+
+def read_shard(entry: dict) -> list[dict]:
+    """flat_map: one manifest entry {path, sha256 (empty: unchecked), samples} -> the shard's samples in key
+    order. A shard gone since the listing, one whose sha256 differs from the manifest, or an unreadable tar
+    gives `samples` placeholder rows carrying the reason, which the training loop counts."""
+    try:
+        data = store.read_bytes(entry["path"])
+    except FileNotFoundError:
+        return _placeholders(entry, "missing_shard")
+    if entry["sha256"] and hashlib.sha256(data).hexdigest() != entry["sha256"]:
+        return _placeholders(entry, "checksum_mismatch")
+    samples: dict[str, dict[str, bytes]] = defaultdict(dict)
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, ext = member.name.partition(".")
+                    samples[key][ext] = tar.extractfile(member).read()
+    except (tarfile.TarError, EOFError):
+        return _placeholders(entry, "unreadable_shard")
+    return [{"__key__": key, "shard_skip": 0, **{m: samples[key].get(m, b"") for m in MEMBERS}} for key in sorted(samples)]
+
+
+def shard_entries(cfg: Config, split: str) -> tuple[list[dict], dict[str, int]]:
+    """What read_shard reads for `split` (mixture order for train), and the samples excluded up front
+    (shards missing from the listing). Checksums come from each source's manifest."""
+    paths, skipped = mixture_paths(cfg.data, split, verify=False)  # one listing per source, nothing hashed here
+    known = {store.join(root, sh["path"]): sh for _, _, root in resolve_sources(cfg.data)
+             for sh in load_manifest(root)["shards"]}
+    return [{"path": p, "sha256": known[p]["sha256"] if cfg.data.verify_shards else "", "samples": known[p]["samples"]}
+            for p in paths], skipped
+
+
 def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool):
     """A streaming Ray Dataset of fixed-shape examples, and the samples excluded before reading."""
     import ray.data
+    from ray.data._internal.random_config import RandomSeedConfig
 
-    shards = Path(cfg.data.shards)  # with data.sources: where the mixture's joint tokenizer lives
-    paths, skipped = mixture_paths(cfg.data, split)  # one source, or several drawn by weight (data/mixture.py)
+    entries, skipped = shard_entries(cfg, split)  # one source, or several drawn by weight (data/mixture.py)
     spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, num_image_tokens, augment)
-    ds = ray.data.read_webdataset(paths, decoder=None, shuffle="files" if augment and cfg.data.shuffle else None, num_cpus=0.25)
+    ds = ray.data.from_items(entries, override_num_blocks=len(entries))  # one block per shard
+    if augment and cfg.data.shuffle:  # a new shard order every epoch, reproducible from data.seed
+        ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.data.seed, reseed_after_execution=True))
+    ds = ds.flat_map(read_shard, num_cpus=0.25)
     ds = ds.map_batches(
         map_studies,
-        fn_kwargs={"tokenizer_dir": str(shards / "tokenizer"), "spec": spec,
+        # with data.sources: data.shards is where the mixture's joint tokenizer lives
+        fn_kwargs={"tokenizer_dir": store.join(cfg.data.shards, "tokenizer"), "spec": spec,
                    "weights": tuple(sorted(cfg.data.tasks.items())), "seed": cfg.data.seed},
         batch_size=32, batch_format="numpy", num_cpus=0.25,
     )

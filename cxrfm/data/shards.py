@@ -26,6 +26,7 @@ import numpy as np
 import webdataset as wds
 from PIL import Image
 
+from cxrfm.data import store
 from cxrfm.data.schema import SCHEMA_VERSION, Study
 
 MANIFEST = "manifest.json"
@@ -145,13 +146,23 @@ def write_shards(studies: Iterable[tuple[Study, dict[str, np.ndarray]]], out: Pa
 
 
 def load_manifest(root: str | Path) -> dict:
-    root = Path(root)
-    if not root.is_dir():
-        raise ShardError(f"shard directory {root} does not exist; build it with: cxrfm data build --out {root}")
-    path = root / MANIFEST
-    if not path.is_file():
-        raise ShardError(f"{root} has no {MANIFEST}; rebuild it with: cxrfm data build --out {root}")
-    manifest = json.loads(path.read_text())
+    """The manifest of a local shard directory or of a store URI (s3://bucket/prefix, see data/store.py)."""
+    if store.is_remote(root):
+        store.check_access(root)
+        path = store.join(root, MANIFEST)
+        try:
+            text = store.read_bytes(path).decode()
+        except FileNotFoundError:
+            raise ShardError(f"{root} has no {MANIFEST}; build it with: cxrfm data build --out {root}") from None
+    else:
+        root = Path(root)
+        if not root.is_dir():
+            raise ShardError(f"shard directory {root} does not exist; build it with: cxrfm data build --out {root}")
+        path = root / MANIFEST
+        if not path.is_file():
+            raise ShardError(f"{root} has no {MANIFEST}; rebuild it with: cxrfm data build --out {root}")
+        text = path.read_text()
+    manifest = json.loads(text)
     if manifest.get("schema_version") != SCHEMA_VERSION:
         raise ShardError(f"{path}: schema version {manifest.get('schema_version')} != {SCHEMA_VERSION}; rebuild the shards")
     if not manifest.get("shards"):
@@ -165,19 +176,19 @@ def shard_paths(root: str | Path, split: str, verify: bool = True) -> tuple[list
     With `verify`, a shard whose sha256 differs from the manifest is left out and its samples counted
     as skipped, so a damaged file never stops a run half-way and is never silently used.
     """
-    root = Path(root)
     manifest = load_manifest(root)
+    present = store.listing(str(root))  # one listing, not a request per shard
     paths, skipped = [], Counter()
     for sh in manifest["shards"]:
         if sh["split"] != split:
             continue
-        p = root / sh["path"]
-        if not p.is_file():
+        p = store.join(root, sh["path"])
+        if sh["path"] not in present:
             skipped["missing_shard"] += sh["samples"]
-        elif verify and sha256_file(p) != sh["sha256"]:
+        elif verify and store.sha256_of(p) != sh["sha256"]:
             skipped["checksum_mismatch"] += sh["samples"]
         else:
-            paths.append(str(p))
+            paths.append(p)
     if not paths:
         raise ShardError(f"{root}: no readable {split!r} shards (skipped: {dict(skipped)}); run: cxrfm data verify {root}")
     return paths, dict(skipped)
@@ -217,19 +228,20 @@ def _check_sample(key: str, members: dict[str, bytes]) -> list[str]:
 
 def verify_shards(root: str | Path) -> VerifyReport:
     """Decode every sample of every shard in the manifest; report problems by shard and key."""
-    root = Path(root)
     manifest = load_manifest(root)
+    present = store.listing(str(root))
     report = VerifyReport()
     for sh in manifest["shards"]:
-        path = root / sh["path"]
-        if not path.is_file():
+        path = store.join(root, sh["path"])
+        if sh["path"] not in present:
             report.problems.append({"shard": sh["path"], "key": "*", "problem": "shard file missing"})
             continue
-        if sha256_file(path) != sh["sha256"]:
+        data = store.read_bytes(path)  # one read per shard: hashed and unpacked from memory
+        if hashlib.sha256(data).hexdigest() != sh["sha256"]:
             report.problems.append({"shard": sh["path"], "key": "*", "problem": "sha256 differs from manifest"})
         samples: dict[str, dict[str, bytes]] = defaultdict(dict)
         try:
-            with tarfile.open(path) as tar:
+            with tarfile.open(fileobj=io.BytesIO(data)) as tar:
                 for member in tar:
                     if not member.isfile():
                         continue

@@ -8,6 +8,7 @@ in a run directory (`<run>/export` next to `<run>/run.json`), else as a run of i
 
 from __future__ import annotations
 
+import io
 import json
 import re
 import tarfile
@@ -18,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from cxrfm.data.schema import Study
+from cxrfm.data import store
 from cxrfm.data.shards import load_manifest
 from cxrfm.eval.baselines import fit_baselines
 from cxrfm.model.generate import GenerationOptions, Predictor, load_image
@@ -26,14 +28,13 @@ EVAL_TASKS = ("report", "vqa", "grounding", "generate")
 
 
 def iter_split(shards: str | Path, split: str, limit: int | None = None) -> Iterator[tuple[Study, dict[str, np.ndarray]]]:
-    """Studies of one split straight from the tar shards (evaluation reads each study once, in order)."""
-    shards = Path(shards)
+    """Studies of one split straight from the tar shards, local or in a store (s3://...); each study once, in order."""
     n = 0
     for sh in load_manifest(shards)["shards"]:
         if sh["split"] != split:
             continue
         members: dict[str, dict[str, bytes]] = defaultdict(dict)
-        with tarfile.open(shards / sh["path"]) as tar:
+        with tarfile.open(fileobj=io.BytesIO(store.read_bytes(store.join(shards, sh["path"])))) as tar:
             for m in tar:
                 if m.isfile():
                     key, _, ext = m.name.partition(".")

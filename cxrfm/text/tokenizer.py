@@ -50,7 +50,10 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    path = Path(path)
+    """From a local directory, or a store URI (s3://.../tokenizer) copied to a local cache first."""
+    from cxrfm.data import store
+
+    path = store.local_dir(str(path)) if store.is_remote(path) else Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer at {path} (expected tokenizer.json); build shards first: cxrfm data build")
     return PreTrainedTokenizerFast.from_pretrained(str(path))

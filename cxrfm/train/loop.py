@@ -72,11 +72,18 @@ class _Window:
         return dict(zip(self.KEYS, vec.tolist()))
 
 
+def _ray_node_id() -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
 def _report_runtime(model, engine, cfg, out: Path, rank: int, world: int, config: dict) -> None:
     """Every rank says what it actually runs (workers/rank<N>.json, its log); rank 0 logs all ranks to MLflow
     as params rank<N>/<field>, so a run records the backend of each worker, not what the driver assumed."""
     mine = {"rank": rank, **model.runtime.as_dict(), "precision": cfg.train.precision,
-            "zero_stage": engine.zero_optimization_stage(), "host": socket.gethostname(), "pid": os.getpid()}
+            "zero_stage": engine.zero_optimization_stage(), "host": socket.gethostname(), "pid": os.getpid(),
+            "node_id": _ray_node_id()}
     (out / "workers" / f"rank{rank}.json").write_text(json.dumps(mine))
     print(f"rank {rank}: attention {mine['attention']} ({mine['attention_reason']}), ZeRO-{mine['zero_stage']}, "
           f"{mine['device']}, fused rmsnorm {mine['fused_rmsnorm']}, fused cross-entropy {mine['fused_cross_entropy']}",
@@ -107,6 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train.torch
     from ray.train import Checkpoint
 
+    from cxrfm.data import store
     from cxrfm.model.build import build_model
     from cxrfm.model.runtime import gpu_peak_tflops, resolve_device
     from cxrfm.model.summary import train_flops
@@ -127,7 +135,7 @@ def train_loop_per_worker(config: dict) -> None:
     device = resolve_device(ray.train.torch.get_device()) if cfg.train.use_gpu else torch.device("cpu")
 
     deepspeed.init_distributed(dist_backend="nccl" if cfg.train.use_gpu else "gloo")
-    tokenizer = load_tokenizer(Path(cfg.data.shards) / "tokenizer")
+    tokenizer = load_tokenizer(store.join(cfg.data.shards, "tokenizer"))  # a store URI: copied to a local cache
     ds_cfg = deepspeed_config(cfg)
     # Attention backend, fused kernels and device are resolved here, in the worker that has the GPU.
     model = build_model(cfg, len(tokenizer), device=device, zero3_config=ds_cfg if cfg.deepspeed.stage == 3 else None)

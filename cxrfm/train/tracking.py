@@ -26,20 +26,30 @@ def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+STEP_METRIC = "samples_per_s"  # logged at every log step whatever the tasks: marks the steps already in the run
+
+
 class MetricLogger:
-    """Logs a step's metrics to an existing MLflow run (used by rank 0 inside a Ray worker)."""
+    """Logs a step's metrics to an existing MLflow run (used by rank 0 inside a Ray worker).
+
+    After a restart from a checkpoint (a lost node or worker, a killed driver) the steps between that
+    checkpoint and the failure are trained again. Those already in the run are not logged a second time,
+    so each step appears once and the history has no gap; the run keeps the values of their first pass."""
 
     def __init__(self, uri: str, run_id: str):
         from mlflow.tracking import MlflowClient
 
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
+        self.logged_through = max((m.step for m in self.client.get_metric_history(run_id, STEP_METRIC)), default=-1)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         import time
 
         from mlflow.entities import Metric
 
+        if step <= self.logged_through:
+            return
         now = int(time.time() * 1000)
         batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
         self.client.log_batch(self.run_id, metrics=batch)

@@ -81,6 +81,20 @@ def latest_checkpoint(storage: Path) -> tuple[str | None, int]:
     return best, best_step
 
 
+class RunStopped(RuntimeError):
+    """Training gave up (failures or missing capacity beyond the limits); the message says how to resume."""
+
+
+def stopped_message(run_name: str, storage: Path, cfg: Config, err: Exception) -> str:
+    ckpt, step = latest_checkpoint(storage)
+    cause = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
+    where = f"its last checkpoint is step {step} ({ckpt})" if ckpt else "it has no checkpoint yet"
+    return (f"run {run_name} stopped after {cfg.train.max_failures} restart(s) / {cfg.train.capacity_retries} "
+            f"start attempt(s) without enough workers ({cause}); {where}. When the cluster has "
+            f"{cfg.train.num_workers} worker slots again, continue it with: cxrfm train --resume {run_name} "
+            f"--set train.output_dir={cfg.train.output_dir}")
+
+
 def _progress(queue, total: int, start: int, history: list[dict], stop: threading.Event) -> None:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -104,7 +118,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    from cxrfm.data import store
     from cxrfm.data.build import ensure_shards
     from cxrfm.data.pipeline import build_dataset
     from cxrfm.data.mixture import mixture_params, resolve_sources
@@ -114,9 +130,11 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
 
     # Ray workers do not share the driver's working directory: every path they get is absolute.
     cfg = cfg.model_copy(deep=True)
-    cfg.data.shards = str(Path(cfg.data.shards).resolve())
+    cfg.data.shards = store.absolute(cfg.data.shards)  # a store URI (s3://...) stays as it is
     for mix in cfg.data.sources:
-        mix.shards = str(Path(mix.shards).resolve())
+        mix.shards = store.absolute(mix.shards)
+    for root in [cfg.data.shards] + [m.shards for m in cfg.data.sources]:
+        store.check_access(root)  # bad store credentials: one line, before Ray starts
     cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())
     out = Path(cfg.train.output_dir)
     run_name = resume or cfg.tracking.run_name or f"{cfg.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -158,7 +176,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     run = mlflow.start_run(run_id=previous.get("mlflow_run_id"), run_name=None if previous else run_name)
     run_id = run.info.run_id
     (run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.dump(), sort_keys=False))
-    state_file.write_text(json.dumps({"run_name": run_name, "mlflow_run_id": run_id, "tracking_uri": uri}, indent=2))
+    # driver_pid: the process to stop (or that was lost) when a run has to be resumed by hand
+    state_file.write_text(json.dumps({"run_name": run_name, "mlflow_run_id": run_id, "tracking_uri": uri,
+                                      "driver_pid": os.getpid()}, indent=2))
     if not previous:
         mlflow.log_params(flatten(cfg.dump()))
         mlflow.log_params(mixture_params(cfg.data))  # per-source weights, study counts per split, licenses
@@ -171,7 +191,9 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     for reason, n in excluded.items():
         print(f"warning: {n} training samples excluded before reading ({reason}); run: cxrfm data verify {cfg.data.shards}")
 
-    queue = Queue(actor_options={"num_cpus": 0})
+    # On the driver's node: a queue on a worker node would die with that node and fail every retry after it.
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    queue = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     loop_config = {"cfg": cfg.dump(), "mlflow_uri": uri, "mlflow_run_id": run_id,
                    "progress_queue": queue, "resume_from": resume_from, "run_dir": str(run_dir)}
     trainer = TorchTrainer(
@@ -179,10 +201,14 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if cfg.train.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker,
+                                                           **cfg.train.resources_per_worker}),
         run_config=RunConfig(
             name=run_name, storage_path=str(storage),
-            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            # max_failures: workers lost mid-run (a node gone, a process killed), each time restarted from the
+            # last checkpoint; controller_failure_limit: attempts to start them again while capacity is missing
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures,
+                                         controller_failure_limit=cfg.train.capacity_retries),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_last),
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
@@ -198,6 +224,8 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
         watcher.start()
     try:
         result = trainer.fit()
+    except ray.train.TrainingFailedError as err:
+        raise RunStopped(stopped_message(run_name, storage / run_name, cfg, err)) from None
     finally:
         stop.set()
         if show_progress:
