@@ -186,7 +186,7 @@ SIIM_C = "1.2.276.0.7230010.3.1.4.8323329.4440.1517875182.865105"  # listed, DIC
 def encode_rle(mask: np.ndarray) -> str:
     """SIIM's train-rle.csv encoding: column-major pixels, each run's start relative to the previous run's end."""
     flat = mask.T.flatten()
-    runs, pos, prev_end, i = [], 0, 0, 0
+    runs, prev_end, i = [], 0, 0
     while i < len(flat):
         if flat[i]:
             start = i
@@ -196,7 +196,6 @@ def encode_rle(mask: np.ndarray) -> str:
             prev_end = i
         else:
             i += 1
-        pos = i
     return " ".join(str(r) for r in runs)
 
 
