@@ -165,6 +165,24 @@ class Converter:
             return None
         return img, ImageRef(role=role, key=f"{role}.png", view=view, width=img.shape[1], height=img.shape[0])
 
+    def read_any_view(self, path: str | Path, record: StudyRecord, report: BuildReport,
+                      view: str | None = None) -> tuple[np.ndarray, ImageRef] | None:
+        """A single-image study whose view the corpus may not state: `view` when given, else read from the
+        pixels (cxrfm.data.views; frontal stored as PA), flagged "view_from_pixels_unsure" near the threshold."""
+        from cxrfm.data.views import classify_view
+
+        img = self.read(path, record.study_id, report)
+        if img is None:
+            return None
+        if view is None:
+            role, score, sure = classify_view(img)
+            view = "PA" if role == "frontal" else "LATERAL"
+            report.flag("view_from_pixels", record.study_id, f"midline contrast {score:.2f}: {role}")
+            if not sure:
+                report.flag("view_from_pixels_unsure", record.study_id, f"midline contrast {score:.2f}; taken as {role}")
+        role = "lateral" if view in ("LATERAL", "LL") else "frontal"
+        return img, ImageRef(role=role, key=f"{role}.png", view=view, width=img.shape[1], height=img.shape[0])
+
     def assemble(self, record: StudyRecord, report: BuildReport, views: dict[str, tuple[str | Path, str]],
                  **fields: Any) -> tuple[Study, dict[str, np.ndarray]] | None:
         """Read the images of `views` ({role: (path, view)}) and build the Study with `fields`.

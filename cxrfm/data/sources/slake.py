@@ -12,7 +12,8 @@ has no patient ids (its X-rays come from ChestX-ray8 without the NIH patient id)
 own patient: leakage between images of one patient, or with a chestxray8 build, cannot be checked. Splits
 are the official files; an image with questions in several files goes to the most held-out one (test >
 val > train), counted per moved question, so no image is in two splits. SLAKE records no view (its
-"Plane" answers say "Coronal" for X-rays): images are stored as PA, noted in the report.
+"Plane" answers say "Coronal" for X-rays): each image's view is read from its pixels (cxrfm.data.views;
+a frontal is stored as PA), counted as "view_from_pixels".
 """
 
 from __future__ import annotations
@@ -105,12 +106,12 @@ class Converter(base.Converter):
                 payload={"path": str(path), "qas": [{k: q[k] for k in ("question", "answer", "closed", "content")}
                                                     for q in qas]}))
         if records:
-            report.note("slake_view", "SLAKE records no view: every image is stored as a PA frontal")
+            report.note("slake_view", "SLAKE records no view: each image's view is read from its pixels")
         return base.count_duplicates(records, report)
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        read = self.read_one(p["path"], record, report)
+        read = self.read_any_view(p["path"], record, report)  # SLAKE states no view: from the pixels
         if read is None:
             return None
         img, ref = read
@@ -118,4 +119,4 @@ class Converter(base.Converter):
                       license=self.license, images=[ref],
                       vqa=[VQAPair(question=q["question"], answer=q["answer"], qtype=QTYPES.get(q["content"], "other"),
                                    closed=q["closed"]) for q in p["qas"]])
-        return study, {"frontal": img}
+        return study, {ref.role: img}

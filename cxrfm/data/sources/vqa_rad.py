@@ -13,7 +13,8 @@ One Study per image. VQA-RAD has no patient ids, so each image is its own patien
 of one patient cannot be checked. Splits: the official test questions (phrase_type test_*) make their
 image a test study, and that image's training questions move to test with it (counted), so no image is
 in two splits; the other images are divided into train and val by patient_split on the image name.
-The view comes from PLANE questions (PA/AP/lateral) where one answers it, else PA (noted in the report).
+The view comes from PLANE questions (PA/AP/lateral) where one answers it, else from the pixels
+(cxrfm.data.views; counted as "view_from_pixels" in the report).
 """
 
 from __future__ import annotations
@@ -129,17 +130,16 @@ class Converter(base.Converter):
                 payload={"path": str(files[image]), "view": views[0] if views else None,
                          "qas": [{k: q[k] for k in ("question", "answer", "closed", "qtype")} for q in qas]}))
         if any(r.payload["view"] is None for r in records):
-            report.note("vqa_rad_view", "VQA-RAD records no view; images without a PLANE answer are stored as PA")
+            report.note("vqa_rad_view", "VQA-RAD records no view; images without a PLANE answer: view from the pixels")
         return base.count_duplicates(records, report)
 
     def load(self, record: base.StudyRecord, report: base.BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
         p = record.payload
-        view = p["view"] or "PA"
-        role = "lateral" if view in ("LATERAL", "LL") else "frontal"
-        read = self.read_one(p["path"], record, report, role=role, view=view)
+        read = self.read_any_view(p["path"], record, report, view=p["view"])  # no PLANE answer: from the pixels
         if read is None:
             return None
         img, ref = read
+        role = ref.role
         study = Study(study_id=record.study_id, patient_id=record.patient_id, split=record.split, source=self.name,
                       license=self.license, images=[ref],
                       vqa=[VQAPair(question=q["question"], answer=q["answer"], qtype=qtype_of(q["qtype"]),

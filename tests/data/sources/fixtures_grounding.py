@@ -73,6 +73,30 @@ def write_dicom(path: Path, height: int, width: int, photometric: str = "MONOCHR
     return arr
 
 
+def chest(height: int, width: int, view: str = "frontal", seed: int = 0, maximum: int = 255) -> np.ndarray:
+    """A synthetic phantom's frontal or lateral film at height x width: for corpora whose view is read from
+    the pixels (a gradient would be neither)."""
+    from cxrfm.data.synthetic import generate_phantoms
+
+    films = [p.images[view] for p in generate_phantoms(12, 64, 3) if view in p.images]
+    img = np.asarray(Image.fromarray(films[seed % len(films)]).resize((width, height), Image.BILINEAR))
+    return (img.astype(np.float64) * maximum / 255).round()
+
+
+def write_chest_jpeg(path: Path, height: int, width: int, view: str = "frontal", seed: int = 0) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = chest(height, width, view, seed).astype(np.uint8)
+    Image.fromarray(arr).save(path, format="JPEG", quality=95)
+    return arr
+
+
+def write_chest_png16(path: Path, height: int, width: int, view: str = "frontal", seed: int = 0) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    arr = chest(height, width, view, seed, maximum=4095).astype(np.uint16)  # 12 bits in a 16-bit PNG
+    Image.fromarray(arr).save(path, format="PNG")
+    return arr
+
+
 def write_garbage(path: Path, signature: bytes = b"\xff\xd8\xff") -> None:
     """A file that starts like an image (so it is not skipped as 'missing') but cannot be decoded."""
     path.parent.mkdir(parents=True, exist_ok=True)

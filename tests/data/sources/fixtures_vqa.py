@@ -13,6 +13,8 @@ from pathlib import Path
 
 from tests.data.sources.fixtures_grounding import (
     mimic_jpg_path,
+    write_chest_jpeg,
+    write_chest_png16,
     write_csv,
     write_garbage,
     write_jpeg,
@@ -47,15 +49,18 @@ def write_vqa_rad(root: Path) -> dict:
         _rad(9, "synpic500.jpg", "CHEST", "Is this a PA film?", "yes", "CLOSED", "PLANE"),  # image missing
         _rad(10, "synpic600.jpg", "CHEST", "Is there an effusion?", "no", "CLOSED", "PRES"),  # unreadable image
         _rad(11, "synpic700.png", "CHEST", "Is this an x-ray?", "yes", "CLOSED", "MODALITY", "test_para"),
+        _rad(13, "synpic800.jpg", "CHEST", "Is there a pleural effusion?", "no", "CLOSED", "PRES"),  # a lateral film
     ]
     items.append(dict(items[0]))  # the same qid twice: a duplicate, kept once
     root.mkdir(parents=True, exist_ok=True)
     (root / VQA_RAD_JSON).write_text(json.dumps(items, indent=1))
     folder = root / VQA_RAD_IMAGES
     pixels = {
-        "synpic100.jpg": write_jpeg(folder / "synpic100.jpg", 64, 72, seed=31),
+        # no PLANE answer for these: their view is read from the pixels
+        "synpic100.jpg": write_chest_jpeg(folder / "synpic100.jpg", 64, 72, "frontal", seed=1),
         "synpic200.jpg": write_jpeg(folder / "synpic200.jpg", 64, 64, seed=32),
-        "synpic700.png": write_png16(folder / "synpic700.png", 48, 40, seed=37),
+        "synpic700.png": write_chest_png16(folder / "synpic700.png", 48, 40, "frontal", seed=2),
+        "synpic800.jpg": write_chest_jpeg(folder / "synpic800.jpg", 64, 64, "lateral", seed=3),
     }
     write_jpeg(folder / "synpic300.jpg", 64, 64, seed=33)
     write_jpeg(folder / "synpic400.jpg", 64, 64, seed=34)
@@ -94,10 +99,10 @@ def write_slake(root: Path) -> dict:
         (base / name).write_text(json.dumps(rows, ensure_ascii=False, indent=1))
     imgs = base / "imgs"
     pixels = {
-        102: write_jpeg(imgs / "xmlab102" / "source.jpg", 64, 64, seed=41),
-        103: write_jpeg(imgs / "xmlab103" / "source.jpg", 56, 64, seed=42),
-        107: write_jpeg(imgs / "xmlab107" / "source.jpg", 64, 48, seed=47),
-        109: write_jpeg(imgs / "xmlab109" / "source.jpg", 64, 64, seed=49),
+        102: write_chest_jpeg(imgs / "xmlab102" / "source.jpg", 64, 64, "frontal", seed=41),
+        103: write_chest_jpeg(imgs / "xmlab103" / "source.jpg", 56, 64, "frontal", seed=42),
+        107: write_chest_jpeg(imgs / "xmlab107" / "source.jpg", 64, 48, "frontal", seed=47),
+        109: write_chest_jpeg(imgs / "xmlab109" / "source.jpg", 64, 64, "frontal", seed=49),
     }
     write_jpeg(imgs / "xmlab104" / "source.jpg", 64, 64, seed=44)
     write_jpeg(imgs / "xmlab108" / "source.jpg", 64, 64, seed=48)

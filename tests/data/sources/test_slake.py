@@ -44,7 +44,7 @@ def test_report_counts_every_filtered_question_and_image(converted):
     _, _, report = converted
     assert report["skipped"] == {"duplicate_question": 1, "image_corrupt_image": 1, "image_missing_file": 1,
                                  "not_chest_xray": 2, "not_english": 1}
-    assert report["flagged"] == {"question_moved_to_held_out_split": 1}
+    assert report["flagged"] == {"question_moved_to_held_out_split": 1, "view_from_pixels": 4}
     notes = report["notes"]
     assert (notes["slake_train_questions"], notes["slake_val_questions"], notes["slake_test_questions"]) == (9, 2, 1)
 

@@ -18,7 +18,7 @@ def pairs(study):
 
 def test_chest_xray_questions_survive_the_shards(converted):
     _, back, _, _ = converted
-    assert sorted(back) == ["vqa_rad-synpic100", "vqa_rad-synpic200", "vqa_rad-synpic700"]
+    assert sorted(back) == ["vqa_rad-synpic100", "vqa_rad-synpic200", "vqa_rad-synpic700", "vqa_rad-synpic800"]
     s, images = back["vqa_rad-synpic100"]
     assert (s.source, s.patient_id, s.license) == ("vqa_rad", "synpic100", "CC0 1.0 (VQA-RAD, Lau et al. 2018)")
     assert s.split in ("train", "val")
@@ -28,6 +28,8 @@ def test_chest_xray_questions_survive_the_shards(converted):
     assert [(im.role, im.view, im.width, im.height) for im in s.images] == [("frontal", "PA", 72, 64)]
     assert images["frontal"].shape == (64, 72)
     assert s.grounding == [] and s.labels == {} and s.findings == ""
+    lateral, images = back["vqa_rad-synpic800"]  # no PLANE answer: a lateral by its pixels
+    assert [(im.role, im.view) for im in lateral.images] == [("lateral", "LATERAL")] and list(images) == ["lateral"]
 
 
 def test_an_image_with_test_questions_is_a_test_study(converted):
@@ -51,6 +53,6 @@ def test_report_counts_every_filtered_question_and_image(converted):
     _, _, report, _ = converted
     assert report["skipped"] == {"duplicate_question": 1, "image_corrupt_image": 1, "image_missing_file": 1,
                                  "not_chest": 1, "not_xray": 2}
-    assert report["flagged"] == {"train_question_moved_to_test": 2}
-    assert report["notes"]["vqa_rad_questions"] == 13
+    assert report["flagged"] == {"train_question_moved_to_test": 2, "view_from_pixels": 3}
+    assert report["notes"]["vqa_rad_questions"] == 14
     assert "each image is its own patient" in report["notes"]["vqa_rad_patients"]
