@@ -112,7 +112,8 @@ def _pod(role: str, image: str, resources: dict[str, Any], volumes: list[dict], 
 
 
 def _submitter(image: str, labels: dict[str, str]) -> dict[str, Any]:
-    """The pod that runs `ray job submit`: KubeRay fills in its command (no command given here)."""
+    """The pod that runs `ray job submit`: KubeRay fills in its command (bash running `ray job submit ...
+    -- <entrypoint>`; Ray's CLI re-joins the words with shlex.join, so the shell quoting holds)."""
     limits = {"cpu": "1", "memory": "1Gi"}
     return {"metadata": {"labels": labels}, "spec": {
         "restartPolicy": "Never",

@@ -258,7 +258,7 @@ def test_submitter_pod_is_restricted_and_gpu_workers_ask_for_gpus():
     assert submitter["securityContext"]["runAsNonRoot"] is True
     assert submitter["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
     (container,) = submitter["containers"]
-    assert "command" not in container  # KubeRay fills in `ray job submit ...`
+    assert "command" not in container  # KubeRay fills in `ray job submit ... -- <entrypoint>`
     ctx = container["securityContext"]
     assert ctx["allowPrivilegeEscalation"] is False and ctx["capabilities"]["drop"] == ["ALL"]
     assert rayjob["spec"]["preRunningDeadlineSeconds"] > 0 and rayjob["spec"]["ttlSecondsAfterFinished"] <= 600

@@ -231,3 +231,29 @@ def test_ray_jobs_runs_the_tiny_training_job(ray_head, tmp_path, capsys):
     job_id = out.split()[1]
     assert status_ray(job_id, ray_head)["status"] == "SUCCEEDED"
     assert list((tmp_path / "run").glob("*/run.json"))  # the run's record, written by `cxrfm train`
+
+
+
+def test_kuberay_submitter_line_keeps_quoted_overrides(ray_head):
+    """KubeRay's default submitter runs `ray job submit --address ... --submission-id ... -- <entrypoint>`
+    in bash; Ray's CLI re-joins bash's words (shlex.join) and the head's shell runs the result. Against a
+    real head, the entrypoint `cxrfm jobs` builds brings every quoting case to the job unchanged."""
+    import json
+    import shlex
+
+    from cxrfm import kube
+    from cxrfm.config import load_config
+    from tests.test_jobs import QUOTING_CASES
+
+    probe = "python -c \"import json, sys; print('ARGV=' + json.dumps(sys.argv[1:]))\" {overrides}"
+    command = kube.entrypoint(load_config(None, [f"job.entrypoint={probe}"]), "jobs/x.yaml", QUOTING_CASES)
+    submission = f"rayjob-quoting-{secrets.token_hex(3)}"
+    bindir = str(Path(sys.executable).parent)
+    line = (f"{shlex.quote(sys.executable)} -m ray.scripts.scripts job submit --address {ray_head} "
+            f"--submission-id {submission} -- {command}")
+    done = subprocess.run(["bash", "-c", line], capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, RAY_AUTH_MODE="disabled",
+                                   PATH=bindir + os.pathsep + os.environ.get("PATH", "")))
+    argv = [json.loads(out[5:]) for out in done.stdout.splitlines() if out.startswith("ARGV=")]
+    assert argv == [sum((["--set", o] for o in QUOTING_CASES), [])], (done.stdout + done.stderr)[-3000:]
+    assert status_ray(submission, ray_head)["status"] == "SUCCEEDED"

@@ -190,7 +190,7 @@ def test_defaults_free_gpus_and_stop_stuck_gangs(chart):
     submitter = spec["submitterPodTemplate"]["spec"]
     assert submitter["securityContext"]["runAsNonRoot"] is True
     assert submitter["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
-    assert "command" not in submitter["containers"][0]  # KubeRay fills in `ray job submit ...`
+    assert "command" not in submitter["containers"][0]  # KubeRay fills in `ray job submit ... -- <entrypoint>`
     ingress = docs[("Ingress", "demo-cxrfm")]
     assert ingress["spec"]["tls"][0]["secretName"] == "demo-cxrfm-tls"  # TLS on by default
 
