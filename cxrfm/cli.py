@@ -43,7 +43,9 @@ def cmd_data_build(args: argparse.Namespace) -> int:
     manifest = build(data, out)
     for split, info in manifest["splits"].items():
         print(f"{split:<6} {info['studies']:>6} studies {info['patients']:>6} patients  tasks {info['tasks']}")
-    report = json.loads((Path(out) / "build_report.json").read_text())
+    from cxrfm.data import store
+
+    report = json.loads(store.read_bytes(store.join(out, "build_report.json")))  # out: a directory or s3://...
     for reason, n in report["skipped"].items():
         print(f"skipped {n:>6} {reason}")
     print(f"{len(manifest['shards'])} shards + manifest.json + build_report.json + tokenizer/ in {out}")

@@ -113,6 +113,10 @@ def _progress(queue, total: int, start: int, history: list[dict], stop: threadin
 
 
 def train(cfg: Config, resume: str | None = None, show_progress: bool = True) -> TrainResult:
+    from cxrfm.data import store
+
+    for root in [cfg.data.shards] + [m.shards for m in cfg.data.sources]:
+        store.check_access(root)  # bad store credentials: one line, before Ray or anything heavy starts
     import mlflow
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -120,7 +124,6 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    from cxrfm.data import store
     from cxrfm.data.build import ensure_shards
     from cxrfm.data.pipeline import build_dataset
     from cxrfm.data.mixture import mixture_params, resolve_sources
@@ -133,8 +136,6 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     cfg.data.shards = store.absolute(cfg.data.shards)  # a store URI (s3://...) stays as it is
     for mix in cfg.data.sources:
         mix.shards = store.absolute(mix.shards)
-    for root in [cfg.data.shards] + [m.shards for m in cfg.data.sources]:
-        store.check_access(root)  # bad store credentials: one line, before Ray starts
     cfg.train.output_dir = str(Path(cfg.train.output_dir).resolve())
     out = Path(cfg.train.output_dir)
     run_name = resume or cfg.tracking.run_name or f"{cfg.job.name}-{time.strftime('%Y%m%d-%H%M%S')}"
