@@ -13,9 +13,11 @@ that holds the model (503 when its queue is full, 504 past the request timeout).
 # and FastAPI then cannot resolve string annotations (`request: Request` turns into a query parameter).
 
 import asyncio
+import contextvars
 import json
 import math
 import re
+import secrets
 import time
 from typing import Literal
 
@@ -30,12 +32,13 @@ from . import api_models as m
 from .deployments import DEFAULT_BATCH, DEPLOYMENT_NAMES, TEXT_FIELD, TenantLimiter, task_deployment
 from .inputs import ROLES, InputError, decode_base64, decode_study
 from .metrics import IngressMetrics, log_request
-from .tenants import Authenticator, TenantError
+from .tenants import Authenticator, AuthThrottled, TenantError
 
 # cxrfm_rejections_total{reason}: a small fixed set, from the error code first, else the status.
 CODE_REASONS = {"forbidden_task": "forbidden_task", "model_not_allowed": "forbidden_model", "concurrency": "concurrency",
-                "rate": "rate", "model_unavailable": "unavailable", "task_not_deployed": "not_deployed"}
-REASONS = {401: "auth", 413: "too_large", 415: "unsupported_type", 503: "overloaded", 504: "timeout"}
+                "rate": "rate", "model_unavailable": "unavailable", "task_not_deployed": "not_deployed",
+                "auth_throttled": "auth_throttled"}
+REASONS = {499: "client_closed", 401: "auth", 413: "too_large", 415: "unsupported_type", 503: "overloaded", 504: "timeout"}
 
 
 class AppArgs(BaseModel):
@@ -61,7 +64,10 @@ class AppArgs(BaseModel):
     max_image_pixels: int = Field(40_000_000, ge=1024)
     max_generate_steps: int = Field(200, ge=1, description="diffusion steps a /v1/generate request may ask for")
     request_timeout_s: float = Field(120.0, gt=0)
-    auth_cache_ttl_s: float = Field(30.0, ge=0)
+    auth_cache_ttl_s: float = Field(30.0, ge=0, description="how long a verified key skips scrypt; revocation "
+                                    "and policy edits still apply to the next request (the store is re-read)")
+    auth_fail_burst: int = Field(5, ge=1, description="wrong-secret checks per key id before 429 (no scrypt)")
+    auth_fail_rate_per_s: float = Field(0.2, gt=0, description="refill of that per-key-id failure bucket")
     batch: dict = Field(default_factory=lambda: dict(DEFAULT_BATCH), description="initial user_config of task deployments")
     # For programmatic use (tests, cxrfm bench serve). A config file's `deployments:` section overrides these.
     deployment_options: dict[str, dict] = Field(default_factory=dict)
@@ -132,21 +138,25 @@ async def parse_request(task: str, request: Request, body: bytes) -> tuple[BaseM
     """-> (validated request model, {role: image bytes})."""
     model_cls = m.REQUESTS[task]
     ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    raw: dict[str, bytes] = {}
     if ctype == "application/json":
         try:
             data = json.loads(body)
+        except RecursionError:
+            raise ApiError(400, "bad_json", "the JSON body is nested too deeply; requests are flat objects") from None
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "bad_json", "the body is not valid JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "bad_json", "the body must be a JSON object")
     elif ctype == "multipart/form-data":
-        data = await _parse_form(task, request, body)
+        data, raw = await _parse_form(task, request, body)
     else:
         raise ApiError(415, "unsupported_content_type", f"content type {ctype or '(none)'!r} is not accepted; "
                        "send application/json (images as base64) or multipart/form-data (images as files)")
-    raw = data.pop("_files", {})
     try:
         req = model_cls.model_validate(data)
+    except RecursionError:  # nested deeper than pydantic walks, inside a field that does not allow it
+        raise ApiError(400, "invalid_request", "the request is nested too deeply") from None
     except ValidationError as e:
         message, field = _validation_message(e)
         raise ApiError(400, "invalid_request", message, field) from None
@@ -158,7 +168,8 @@ async def parse_request(task: str, request: Request, body: bytes) -> tuple[BaseM
     return req, raw
 
 
-async def _parse_form(task: str, request: Request, body: bytes) -> dict:
+async def _parse_form(task: str, request: Request, body: bytes) -> tuple[dict, dict[str, bytes]]:
+    """-> (form fields, {role: file bytes}); the files never pass through the validated fields."""
     async def replay():
         return {"type": "http.request", "body": body, "more_body": False}
 
@@ -181,8 +192,7 @@ async def _parse_form(task: str, request: Request, body: bytes) -> dict:
     await form.close()
     if task != "generate":
         data["images"] = {}
-    data["_files"] = files
-    return data
+    return data, files
 
 
 class ApiContext:
@@ -223,8 +233,10 @@ class Ingress:
     def __init__(self, args: dict, tasks: dict, limiter):
         self.args = AppArgs.model_validate(args)
         self.catalog = set(self.args.catalog())
-        self.auth = Authenticator(self.args.tenants, self.args.auth_cache_ttl_s)
+        self.auth = Authenticator(self.args.tenants, self.args.auth_cache_ttl_s, fail_burst=self.args.auth_fail_burst,
+                                  fail_rate_per_s=self.args.auth_fail_rate_per_s)
         self.tasks, self.limiter = tasks, limiter
+        self._releases: set[asyncio.Task] = set()
         self.metrics = IngressMetrics()
 
     # ---- operations -------------------------------------------------------------------------------
@@ -304,6 +316,8 @@ class Ingress:
             raise ApiError(401, "missing_api_key", "no API key: send 'Authorization: Bearer <key>' or 'X-API-Key: <key>'")
         try:
             tenant = await asyncio.to_thread(self.auth.authenticate, key)
+        except AuthThrottled as e:
+            raise ApiError(429, "auth_throttled", f"{e}; check the API key", retry_after=e.retry_after_s) from None
         except TenantError as e:
             raise ApiError(503, "tenant_store_unavailable", str(e), retry_after=5) from None
         if tenant is None:
@@ -311,9 +325,17 @@ class Ingress:
         return tenant
 
     async def _acquire(self, tenant) -> str:
+        # The lease id is ours: if this request is cancelled (client gone) while the limiter answers, the
+        # slot it may have granted is still released by id (the limiter tombstones an early release).
+        lease = secrets.token_hex(8)
         try:
-            d = await self.limiter.acquire.remote(tenant.name, tenant.rate_per_s, tenant.burst, tenant.max_concurrency)
+            d = await self.limiter.acquire.remote(tenant.name, tenant.rate_per_s, tenant.burst, tenant.max_concurrency,
+                                                  lease)
+        except asyncio.CancelledError:
+            self._release(tenant.name, lease)
+            raise
         except Exception as e:  # noqa: BLE001 - without the limiter, limits cannot be kept: refuse
+            self._release(tenant.name, lease)
             raise ApiError(503, "limiter_unavailable", f"rate limiter unavailable ({type(e).__name__})",
                            retry_after=1) from None
         if not d["ok"]:
@@ -323,7 +345,23 @@ class Ingress:
         return d["lease"]
 
     def _release(self, tenant: str, lease: str) -> None:
-        self.limiter.release.remote(tenant, lease)  # fire and forget; leases also expire on their own
+        """Give a concurrency slot back, also when the request that held it is being cancelled.
+
+        Serve cancels every call a request made when the request itself is cancelled (the client went
+        away), and a release started from it would go with it. So the release runs as its own task in an
+        empty context (no parent request), is kept referenced until done, and retries a failed call;
+        leases still expire on their own should all of that fail."""
+        task = asyncio.get_running_loop().create_task(self._release_now(tenant, lease), context=contextvars.Context())
+        self._releases.add(task)
+        task.add_done_callback(self._releases.discard)
+
+    async def _release_now(self, tenant: str, lease: str) -> None:
+        for attempt in range(5):
+            try:
+                await self.limiter.release.remote(tenant, lease)
+                return
+            except Exception:  # noqa: BLE001 - the limiter restarting: try again shortly
+                await asyncio.sleep(0.2 * 2**attempt)
 
     def _choose_model(self, tenant, requested: str | None) -> str:
         model_id = requested or tenant.default_model
@@ -372,6 +410,9 @@ class Ingress:
             err = ApiError(e.status, e.code, e.message, e.field)
         except ApiError as e:
             err = e
+        except asyncio.CancelledError:  # the client went away: the slot is released below all the same
+            ctx.finish(499, "client_closed")
+            raise
         except Exception as e:  # noqa: BLE001 - the ingress answers, whatever happened behind it
             err = ApiError(500, "internal_error", f"internal error ({type(e).__name__}); quote the request id")
         finally:
@@ -415,6 +456,10 @@ class Ingress:
                     event = await gen.__anext__()
             except StopAsyncIteration:
                 return
+            except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream: stop generating
+                status, code = 499, "client_closed"
+                gen.cancel()
+                raise
             finally:
                 self._release(tenant, lease)
                 ctx.finish(status, code, stream=True)

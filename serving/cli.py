@@ -167,6 +167,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # or /tmp/ray/ray_current_cluster names. Ray starts here, not inside `serve run`, so that SIGTERM
         # (kill, docker stop, systemd) can be turned into the Ctrl-C that `serve run` answers by shutting
         # Serve down: Ray's own SIGTERM handler would abort the process instead.
+        from .proxy import CALLBACK, ENV
+
+        os.environ.setdefault(ENV, CALLBACK)  # Ray nodes started here inherit it: request ids are sanitised
         ray.init(address=args.address, namespace=SERVE_NAMESPACE)
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         return serve_cli.main(["run", f.name], standalone_mode=False) or 0

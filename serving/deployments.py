@@ -436,8 +436,8 @@ class TenantLimiter:
     def __init__(self, lease_ttl_s: float = 600.0):
         self.limiter = Limiter(lease_ttl_s)
 
-    def acquire(self, tenant: str, rate: float, burst: int, max_concurrency: int) -> dict:
-        d = self.limiter.acquire(tenant, rate, burst, max_concurrency)
+    def acquire(self, tenant: str, rate: float, burst: int, max_concurrency: int, lease: str | None = None) -> dict:
+        d = self.limiter.acquire(tenant, rate, burst, max_concurrency, lease)
         return {"ok": d.ok, "reason": d.reason, "retry_after_s": d.retry_after_s, "lease": d.lease}
 
     def release(self, tenant: str, lease: str) -> None:

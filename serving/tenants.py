@@ -233,30 +233,70 @@ def revoke_key(store_path: str | Path, key_id: str) -> None:
 
 
 # ---- authentication -------------------------------------------------------------------------------
-class Authenticator:
-    """API key -> Tenant, or None. Thread-safe; meant to be called off the event loop (scrypt)."""
+class AuthThrottled(Exception):
+    """Too many failed verifications for one key id: answered 429 before any scrypt work."""
 
-    def __init__(self, store_path: str | Path, cache_ttl_s: float = 30.0, cache_size: int = 4096):
+    def __init__(self, retry_after_s: float):
+        super().__init__(f"too many failed API key checks for this key id; retry after {retry_after_s:.1f} s")
+        self.retry_after_s = retry_after_s
+
+
+class Authenticator:
+    """API key -> Tenant, or None. Thread-safe; meant to be called off the event loop (scrypt).
+
+    Cost bounds: an unknown key id costs a store lookup, never a hash. A known key id with a wrong secret
+    costs one scrypt, but each key id has a failure bucket (`fail_burst` failures, refilled at
+    `fail_rate_per_s`) checked BEFORE hashing: once empty, further unverified attempts on that key id are
+    refused (AuthThrottled -> 429) without scrypt, so a wrong-secret flood cannot eat the CPU that other
+    tenants' checks need. A verified key is cached (HMAC of the key -> tenant) for `cache_ttl_s`, so its
+    owner is not throttled by someone guessing at its key id. Revocation and tenant policy are re-read
+    from the store on every request: the cache only saves the scrypt, it never outlives a revocation.
+    """
+
+    def __init__(self, store_path: str | Path, cache_ttl_s: float = 30.0, cache_size: int = 4096,
+                 fail_burst: int = 5, fail_rate_per_s: float = 0.2, clock=time.monotonic):
         self.store = open_store(store_path)
-        self.ttl, self.size = cache_ttl_s, cache_size
+        self.ttl, self.size, self.clock = cache_ttl_s, cache_size, clock
+        self.fail_burst, self.fail_rate = fail_burst, fail_rate_per_s
         # Cache key: HMAC of the presented key under a per-process secret, so the cache never holds keys.
         self._pepper = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, tuple[str | None, float]] = OrderedDict()
+        self._failures: dict[str, tuple[float, float]] = {}  # key id -> (failure tokens left, last refill)
         self._lock = threading.Lock()
+        self.verifications = 0  # scrypt evaluations done (tests read it)
 
     def _cached(self, tag: bytes) -> tuple[bool, str | None]:
         with self._lock:
             hit = self._cache.get(tag)
-            if hit and hit[1] > time.monotonic():
+            if hit and hit[1] > self.clock():
                 return True, hit[0]
         return False, None
 
     def _remember(self, tag: bytes, tenant: str | None) -> None:
         with self._lock:
-            self._cache[tag] = (tenant, time.monotonic() + self.ttl)
+            self._cache[tag] = (tenant, self.clock() + self.ttl)
             self._cache.move_to_end(tag)
             while len(self._cache) > self.size:
                 self._cache.popitem(last=False)
+
+    def _spend_failure_token(self, key_id: str) -> None:
+        """Take one verification from the key id's failure bucket, or raise AuthThrottled. A success
+        gives it back (below), so only failures drain it."""
+        with self._lock:
+            now = self.clock()
+            tokens, stamp = self._failures.get(key_id, (float(self.fail_burst), now))
+            tokens = min(float(self.fail_burst), tokens + (now - stamp) * self.fail_rate)
+            if tokens < 1.0:
+                self._failures[key_id] = (tokens, now)
+                raise AuthThrottled((1.0 - tokens) / self.fail_rate)
+            self._failures[key_id] = (tokens - 1.0, now)
+            if len(self._failures) > self.size:  # bounded: forget the oldest buckets
+                self._failures.pop(next(iter(self._failures)))
+
+    def _refund(self, key_id: str) -> None:
+        with self._lock:
+            tokens, stamp = self._failures.get(key_id, (float(self.fail_burst), self.clock()))
+            self._failures[key_id] = (min(float(self.fail_burst), tokens + 1.0), stamp)
 
     def authenticate(self, key: str | None) -> Tenant | None:
         if not key or len(key) > 256:
@@ -264,17 +304,19 @@ class Authenticator:
         parts = split_key(key)
         if parts is None:
             return None
+        rec = self.store.key(parts[0])  # every request: a revocation applies to the next one
+        if rec is None or rec.revoked:
+            return None  # unknown or revoked key ids cost no hash
         tag = hmac.new(self._pepper, key.encode(), hashlib.sha256).digest()
         hit, name = self._cached(tag)
         if not hit:
-            rec = self.store.key(parts[0])
-            name = None
-            # Unknown key ids are rejected without hashing, so garbage keys cost nothing; failures are
-            # cached too, so retrying a wrong secret does not buy an attacker our CPU.
-            if rec is not None and not rec.revoked:
-                digest = hash_secret(parts[1], bytes.fromhex(rec.salt))
-                if hmac.compare_digest(digest.hex(), rec.hash):
-                    name = rec.tenant
+            self._spend_failure_token(rec.key_id)  # raises AuthThrottled before any scrypt work
+            self.verifications += 1
+            digest = hash_secret(parts[1], bytes.fromhex(rec.salt))
+            name = rec.tenant if hmac.compare_digest(digest.hex(), rec.hash) else None
+            if name is not None:
+                self._refund(rec.key_id)
+            # Failures are cached too: retrying one wrong secret does not buy our CPU either.
             self._remember(tag, name)
         tenant = self.store.tenant(name) if name else None  # policy re-read: edits apply at once
         return tenant if tenant is not None and tenant.enabled else None
@@ -292,15 +334,18 @@ class Decision:
 class Limiter:
     """Token bucket per tenant (rate + burst) and a concurrency count held as expiring leases.
 
-    Leases expire after `lease_ttl_s`, so a slot whose release was lost (a crashed ingress replica)
-    comes back by itself instead of locking the tenant out."""
+    The caller names the lease (a random id it made), so it can release a slot even when the answer to
+    its acquire was lost (a cancelled request); a release that arrives before its acquire leaves a
+    tombstone, and that acquire is then granted and freed at once. Leases also expire after `lease_ttl_s`,
+    so a slot whose release was lost (a crashed ingress replica) comes back by itself."""
 
     def __init__(self, lease_ttl_s: float = 600.0, clock=time.monotonic):
         self.ttl, self.clock = lease_ttl_s, clock
         self.buckets: dict[str, tuple[float, float]] = {}  # tenant -> (tokens, last refill time)
         self.leases: dict[str, dict[str, float]] = {}  # tenant -> lease id -> expiry
+        self.tombstones: dict[str, float] = {}  # lease id released before it was acquired -> expiry
 
-    def acquire(self, tenant: str, rate: float, burst: int, max_concurrency: int) -> Decision:
+    def acquire(self, tenant: str, rate: float, burst: int, max_concurrency: int, lease: str | None = None) -> Decision:
         now = self.clock()
         held = {k: t for k, t in self.leases.get(tenant, {}).items() if t > now}
         self.leases[tenant] = held
@@ -313,12 +358,20 @@ class Limiter:
             self.buckets[tenant] = (tokens, now)
             return Decision(False, "rate", (1.0 - tokens) / rate)
         self.buckets[tenant] = (tokens - 1.0, now)
-        lease = secrets.token_hex(8)
-        held[lease] = now + self.ttl
+        lease = lease or secrets.token_hex(8)
+        if self.tombstones.pop(lease, None) is None:
+            held[lease] = now + self.ttl
         return Decision(True, lease=lease)
 
     def release(self, tenant: str, lease: str) -> None:
-        self.leases.get(tenant, {}).pop(lease, None)
+        now = self.clock()
+        if self.leases.get(tenant, {}).pop(lease, None) is None:
+            self.tombstones = {k: t for k, t in self.tombstones.items() if t > now}
+            self.tombstones[lease] = now + self.ttl
+
+    def in_flight(self, tenant: str) -> int:
+        now = self.clock()
+        return sum(1 for t in self.leases.get(tenant, {}).values() if t > now)
 
 
 # ---- command line ---------------------------------------------------------------------------------

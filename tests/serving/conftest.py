@@ -139,6 +139,9 @@ def _ray_init(metrics_port: int) -> None:
     # On an overloaded machine the raylet can give up waiting for its Python agents to write their ports
     # (RayConfig agent_register_timeout_ms); allow them longer, and retry the whole start once or twice.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
+    from cxrfm.serving.proxy import CALLBACK, ENV
+
+    os.environ[ENV] = CALLBACK  # the proxy replaces client request ids that could forge log lines
     attempts = 3
     for attempt in range(attempts):
         try:
