@@ -1,0 +1,238 @@
+"""`cxrfm bench data`: samples/s delivered to a training step and the fraction of wall time the step waits
+for data, for the Ray Data pipeline training uses (checked shard reads -> map_batches -> iter_torch_batches)
+and for `read_webdataset` -> the same map_batches, against a plain `webdataset.WebDataset` + torch
+`DataLoader` with the same number of CPU workers and the same decoding (cxrfm.data.pipeline's mapper), all
+in one run, from local disk and (with --store) from an object store.
+
+The step is the tiny model's real forward + backward + AdamW on one thread (a Ray Train worker's share of a
+2-core machine), or nothing (`--step none`: the loaders' ceiling). Each loader runs warm-up steps first (Ray
+start, worker start, tokenizer load are not counted) and crosses epochs the way training does: a new pass over
+the dataset when one ends.
+
+Presets: `tiny` (jobs/tiny.yaml: 128 px stored, 64 px decoded, ~30% of studies with a lateral, ~30% with a
+prior) and `heavy` (448 px stored and decoded, every study with frontal, lateral and prior).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from cxrfm.config import load_config
+
+PRESETS = {
+    "tiny": {"overrides": [], "lateral": 0.3, "prior": 0.3},
+    "heavy": {"overrides": ["data.image_size=448", "model.vision.image_size=448", "model.vision.patch_size=32"],
+              "lateral": 1.0, "prior": 1.0},
+}
+
+
+def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    p.add_argument("--shards", help="a built shard directory or URI (default: phantoms built for the preset in a temp dir)")
+    p.add_argument("--store", help="also measure from this object-store URI (s3://bucket/prefix; credentials from "
+                   "AWS_* env vars); the shards are uploaded there first")
+    p.add_argument("--studies", type=int, default=240, help="phantom studies to build (default 240)")
+    p.add_argument("--workers", type=int, default=2, help="CPU workers of every loader (Ray CPUs / DataLoader workers)")
+    p.add_argument("--batch", type=int, default=8, help="rows per training step (jobs/tiny.yaml micro_batch_size)")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per loader")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
+    p.add_argument("--step", choices=["model", "none"], default="model", help="what consumes a batch")
+    p.add_argument("--prefetch", type=int, default=2, help="Ray Data prefetch_batches / DataLoader prefetch_factor")
+    p.add_argument("--loaders", default="ray,ray-read-webdataset,webdataset", help="which loaders to run")
+    p.add_argument("--json", help="also write the results here")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    return p
+
+
+def build_phantom_shards(cfg, out: Path, studies: int, lateral: float, prior: float) -> None:
+    """Phantom studies with the preset's image size and views -> shards + manifest + tokenizer."""
+    from cxrfm.data.build import study_texts
+    from cxrfm.data.shards import write_shards
+    from cxrfm.data.synthetic import generate_studies
+    from cxrfm.text.tokenizer import train_tokenizer
+
+    pairs = list(generate_studies(studies, cfg.data.image_size, cfg.data.seed, prior_fraction=prior,
+                                  lateral_fraction=lateral))
+    write_shards(pairs, out, cfg.data.shard_size)
+    texts = [t for s, _ in pairs if s.split == "train" for t in study_texts(s)]
+    train_tokenizer(texts, vocab_size=cfg.data.vocab_size).save_pretrained(str(out / "tokenizer"))
+
+
+def _epochs(make: Callable[[], Iterator]) -> Iterator:
+    while True:  # training starts a new pass when one ends
+        yield from make()
+
+
+def measure(batches: Iterator, step: Callable, warmup: int, steps: int, batch: int) -> dict:
+    for _ in range(warmup):
+        step(next(batches))
+    wait = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        t = time.perf_counter()
+        b = next(batches)
+        wait += time.perf_counter() - t
+        step(b)
+    wall = time.perf_counter() - start
+    return {"samples_per_s": steps * batch / wall, "data_wait": wait / wall, "step_ms": 1000 * (wall - wait) / steps}
+
+
+def model_step(cfg, vocab: int) -> Callable:
+    import torch
+
+    from cxrfm.model.build import build_model
+
+    torch.set_num_threads(1)  # one Ray Train worker's share (train.cpus_per_worker=0.5 -> 1 thread)
+    model = build_model(cfg, vocab, device="cpu")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step(b: dict) -> None:
+        out = model(b["input_ids"], b["attention_mask"], b["images"], b["image_present"], labels=b["labels"],
+                    task=b["task"], findings=b.get("findings"))
+        out["loss"].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def ray_batches(cfg, args, vision: int, read_webdataset: bool) -> Iterator:
+    import ray.data
+
+    from cxrfm.data import store
+    from cxrfm.data.pipeline import build_dataset, map_studies, shard_entries
+    from cxrfm.data.samples import SampleSpec
+
+    if read_webdataset:  # Ray's own reader -> the same map_batches (no checksums, no missing-shard handling)
+        entries, _ = shard_entries(cfg, "train")
+        spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, vision, True)
+        ds = ray.data.read_webdataset([e["path"] for e in entries], decoder=None, num_cpus=0.25).map_batches(
+            map_studies, fn_kwargs={"tokenizer_dir": store.join(cfg.data.shards, "tokenizer"), "spec": spec,
+                                    "weights": tuple(sorted(cfg.data.tasks.items())), "seed": cfg.data.seed},
+            batch_size=32, batch_format="numpy", num_cpus=0.25)
+    else:
+        ds, _ = build_dataset(cfg, "train", vision, augment=True)
+    return _epochs(lambda: ds.iter_torch_batches(batch_size=args.batch, prefetch_batches=args.prefetch, drop_last=True))
+
+
+class _Decode:
+    """DataLoader-side: one webdataset sample -> one example, through the pipeline's own mapper."""
+
+    def __init__(self, tokenizer_dir: str, spec, weights: tuple, seed: int):
+        self.args = (tokenizer_dir, spec, weights, seed)
+
+    def __call__(self, sample: dict) -> dict:
+        from cxrfm.data.pipeline import MEMBERS, map_studies
+
+        batch = {"__key__": np.array([sample["__key__"]])}
+        batch.update({m: np.array([sample.get(m, b"")], dtype=object) for m in MEMBERS})
+        out = map_studies(batch, *self.args)
+        return {k: v[0] for k, v in out.items()}
+
+
+def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_) -> object:
+    import fsspec
+
+    return fsspec.open(url, mode).open()
+
+
+def webdataset_batches(cfg, args, vision: int) -> Iterator:
+    import importlib
+
+    import torch
+    import webdataset as wds
+
+    from cxrfm.data import store
+    from cxrfm.data.pipeline import shard_entries
+    from cxrfm.data.samples import SampleSpec
+
+    entries, _ = shard_entries(cfg, "train")
+    for scheme in ("s3", "gs", "gcs", "az", "abfs"):  # webdataset's URL dispatch table: object stores via fsspec
+        importlib.import_module("webdataset.gopen").gopen_schemes.setdefault(scheme, _open_with_fsspec)
+    spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, vision, True)
+    decode = _Decode(store.join(cfg.data.shards, "tokenizer"), spec, tuple(sorted(cfg.data.tasks.items())), cfg.data.seed)
+    ds = wds.WebDataset([e["path"] for e in entries], shardshuffle=False, empty_check=False).map(decode)
+    loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, num_workers=args.workers, drop_last=True,
+                                         persistent_workers=args.workers > 0,
+                                         prefetch_factor=args.prefetch if args.workers > 0 else None)
+    return _epochs(lambda: iter(loader))
+
+
+def run(cfg, args, label: str) -> list[dict]:
+    import ray
+    import ray.data
+
+    from cxrfm.text.tokenizer import load_tokenizer
+    from cxrfm.data import store
+
+    vision = cfg.model.projector.num_tokens
+    tok = load_tokenizer(store.join(cfg.data.shards, "tokenizer"))
+    step = model_step(cfg, len(tok)) if args.step == "model" else (lambda b: None)
+    rows = []
+    for loader in args.loaders.split(","):
+        if loader.startswith("ray"):
+            ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+            ray.data.DataContext.get_current().enable_progress_bars = False
+            logging.getLogger("ray.data").setLevel(logging.WARNING)  # a table, not per-second progress lines
+            batches = ray_batches(cfg, args, vision, read_webdataset=loader == "ray-read-webdataset")
+            try:
+                result = measure(batches, step, args.warmup, args.steps, args.batch)
+            finally:
+                batches.close()  # ends the streaming execution before Ray goes
+                ray.shutdown()
+        elif loader == "webdataset":
+            result = measure(webdataset_batches(cfg, args, vision), step, args.warmup, args.steps, args.batch)
+        else:
+            raise SystemExit(f"unknown loader {loader!r}; choose from ray, ray-read-webdataset, webdataset")
+        rows.append({"source": label, "loader": loader, **result})
+        print(f"{label:<8} {loader:<22} {result['samples_per_s']:8.1f} samples/s  data wait {result['data_wait']:6.1%}"
+              f"  step {result['step_ms']:6.0f} ms", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| source | loader | samples/s | vs webdataset | data wait |", "|---|---|---:|---:|---:|"]
+    base = {r["source"]: r["samples_per_s"] for r in rows if r["loader"] == "webdataset"}
+    for r in rows:
+        ratio = f"{r['samples_per_s'] / base[r['source']]:.2f}x" if r["source"] in base else "-"
+        lines.append(f"| {r['source']} | {r['loader']} | {r['samples_per_s']:.1f} | {ratio} | {r['data_wait']:.1%} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = add_args(argparse.ArgumentParser(prog="cxrfm bench data", description=__doc__.split("\n\n")[0])).parse_args(argv)
+    preset = PRESETS[args.preset]
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory(prefix="cxrfm-bench-data-") as tmp:
+        cfg = load_config(None, preset["overrides"] + args.overrides + [f"train.micro_batch_size={args.batch}"])
+        if args.shards:
+            cfg.data.shards = args.shards
+        else:
+            cfg.data.shards = str(Path(tmp) / "shards")
+            build_phantom_shards(cfg, Path(cfg.data.shards), args.studies, preset["lateral"], preset["prior"])
+        print(f"bench data: preset {args.preset}, {args.workers} CPU workers, batch {args.batch}, step {args.step}, "
+              f"{os.cpu_count()} CPUs here", flush=True)
+        rows = run(cfg, args, "local" if not args.shards or "://" not in args.shards else "store")
+        if args.store:
+            from cxrfm.data import store
+
+            store.check_access(args.store)
+            if not args.shards:
+                store.upload_dir(Path(cfg.data.shards), args.store, last=("manifest.json",))
+            cfg.data.shards = args.store
+            rows += run(cfg, args, "store")
+    print(table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"preset": args.preset, "workers": args.workers, "batch": args.batch,
+                                               "step": args.step, "rows": rows}, indent=1))
+    return 0
