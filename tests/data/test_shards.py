@@ -25,6 +25,14 @@ def test_manifest_counts_and_checksums(small_shards):
     assert set(m["splits"]) == {"train", "val", "test"}
     assert m["splits"]["train"]["tasks"]["report"] == m["splits"]["train"]["studies"]
     assert all(len(s["sha256"]) == 64 for s in m["shards"])
+    # Patients per split: the distinct patient ids of the studies its shards hold (fewer than the studies:
+    # the phantoms give some patients follow-up exams).
+    for split, counts in m["splits"].items():
+        studies = [Study.model_validate_json(data) for sh in m["shards"] if sh["split"] == split
+                   for name, data in _read_tar(small_shards / sh["path"]).items() if name.endswith(".json")]
+        assert counts["studies"] == len(studies)
+        assert counts["patients"] == len({s.patient_id for s in studies}), split
+    assert m["splits"]["train"]["patients"] < m["splits"]["train"]["studies"]
     assert (small_shards / "tokenizer" / "tokenizer.json").is_file()
 
 

@@ -168,10 +168,16 @@ def test_generate_task_trains_the_decoder_and_the_language_model(small_shards, t
     assert (batch[0] == predictor.generate_images([short, short], seed=0, steps=2)[0]).all()
 
 
-def test_finding_loss_trains_the_vision_encoder_on_current_images_only(batch):
+def test_finding_loss_trains_the_vision_encoder_on_current_images_only(batch, small_shards):
     """The auxiliary head sees frontal/lateral images with labeled observations; priors and -1 entries
     do not count, and its gradient reaches the vision encoder."""
-    data, vocab = batch
+    _, vocab = batch
+    spec = SampleSpec(max_seq_len=192, image_size=64, num_image_tokens=16)
+    mapper = StudyToExample(str(small_shards / "tokenizer"), spec, {"report": 1}, seed=0)
+    every = {k: torch.as_tensor(v) for k, v in mapper(_raw_batch(small_shards, n=20)).items()}
+    with_prior = every["image_present"][:, 2].nonzero().flatten()[:3].tolist()
+    without = (~every["image_present"][:, 2]).nonzero().flatten()[:3].tolist()
+    data = {k: v[with_prior + without] for k, v in every.items()}  # studies with and without a prior image
     cfg = load_config(None, ["model.finding_loss_weight=0.5"])
     torch.manual_seed(0)
     model = build_model(cfg, vocab)
@@ -179,7 +185,9 @@ def test_finding_loss_trains_the_vision_encoder_on_current_images_only(batch):
     out = model(data["input_ids"], data["attention_mask"], data["images"], present,
                 labels=data["labels"], task=data["task"], findings=findings)
     rows, roles = present.nonzero(as_tuple=True)
-    expected = int(((findings[rows] >= 0) & (roles != 2).unsqueeze(1)).sum())
+    labeled = findings[rows] >= 0  # (n images, 14)
+    expected = int((labeled & (roles != 2).unsqueeze(1)).sum())
+    assert int((labeled & (roles == 2).unsqueeze(1)).sum()) > 0, "the batch needs labeled studies with a prior"
     assert expected > 0 and int(out["tokens/findings"]) == expected
     # untrained logits near 0: BCE near log 2 per counted entry
     assert abs(float(out["loss_sum/findings"]) / expected - np.log(2)) < 0.3
