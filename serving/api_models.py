@@ -162,6 +162,7 @@ class ModelRuntime(BaseModel):
     attention_reason: str
     fused_rmsnorm: bool
     fused_cross_entropy: bool
+    source_version: str | None = Field(None, description="registry version being served (models:/ catalog entries)")
 
 
 class ModelsResponse(BaseModel):

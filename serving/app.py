@@ -58,6 +58,8 @@ class AppArgs(BaseModel):
     attention: Literal["auto", "triton", "flash_attn", "xformers", "sdpa", "eager"] | None = Field(
         None, description="attention backend; null: each export's own model.attention where it can run")
     mlflow_tracking_uri: str | None = None
+    registry_poll_s: float = Field(30.0, gt=0, description="how often replicas re-resolve models:/NAME@ALIAS entries; a "
+                                   "promotion is served within this plus the new version's load time")
     model_cache_dir: str = "/tmp/cxrfm-model-cache"
     max_models_per_replica: int = Field(3, ge=1)
     preload: list[str] | None = Field(None, description="models each task replica loads at start (default: default_model)")
@@ -473,7 +475,8 @@ def build_app(args: dict):
     catalog = a.catalog()
     common = {"models": catalog, "default_model": a.default_model, "device": a.device, "dtype": a.dtype,
               "attention": a.attention, "mlflow_tracking_uri": a.mlflow_tracking_uri,
-              "model_cache_dir": a.model_cache_dir, "preload": a.preload, "batch": a.batch}
+              "model_cache_dir": a.model_cache_dir, "preload": a.preload, "batch": a.batch,
+              "registry_poll_s": a.registry_poll_s}
     unknown = set(a.deployment_options) - {"Ingress", "TenantLimiter", *(DEPLOYMENT_NAMES[t] for t in a.tasks)}
     if unknown:
         raise ValueError(f"deployment_options for unknown deployments {sorted(unknown)}")

@@ -14,13 +14,19 @@ Each model deployment:
   the model id the ingress puts on the request (`handle.options(multiplexed_model_id=...)`); the id is a
   key of the application's model catalog, whose values are export directories or MLflow registry URIs.
   Request data never names a path: a replica only loads what the catalog lists.
-- batches with `@serve.batch`; `max_batch_size` / `batch_wait_timeout_s` come from the deployment's
-  `user_config` (so `serve deploy` can change them live). One batch may hold requests for several models
-  or token budgets; they run as one `generate_batch` call per (model, budget) group, and those are the
-  sizes recorded in `stats()["batch_sizes"]`.
+- schedules text generation with `user_config.scheduler`:
+  - `continuous` (default): iteration-level batching (serving/continuous.py): one decode loop per loaded
+    model; a request is prefilled and joins the running batch at the next token step, leaves the moment
+    it ends (or its caller goes away); no batch window. At most `max_batch_size` sequences decode at once.
+    Sequences per step are recorded in `stats()["step_sizes"]`.
+  - `batch`: request-level `@serve.batch` (`max_batch_size`, `batch_wait_timeout_s`); a batch may hold
+    requests for several models or token budgets, run as one `generate_batch` call per (model, budget)
+    group, the sizes recorded in `stats()["batch_sizes"]`. Kept for comparison (`cxrfm bench serve`).
+  All of it comes from the deployment's `user_config`, so `serve deploy` can change it live.
 - answers with a dict: the result, or {"error": {status, code, message}}; bad input inside a batch fails
   that request only, and no exception from a request brings the replica down.
-Report generation can also stream: `stream()` is a batched generator yielding token deltas per step.
+Report generation can also stream: `stream()` yields token deltas per step, from the same decode loop
+(continuous) or a batched generator (batch).
 """
 
 from __future__ import annotations
@@ -28,16 +34,15 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
-import os
-import re
-import shutil
-import tempfile
+import logging
 import time
+import weakref
 from collections import Counter, defaultdict, deque
 from pathlib import Path
 
 from ray import serve
 
+from .catalog import LoadedModel, ModelCatalog
 from .metrics import TaskMetrics
 from .tenants import Limiter
 
@@ -46,82 +51,13 @@ DEPLOYMENT_NAMES = {"report": "TextGenerator", "vqa": "TextGenerator", "groundin
                     "generate": "ImageGenerator"}
 MODEL_DEPLOYMENTS = ("TextGenerator", "ImageGenerator")
 TEXT_FIELD = {"report": "indication", "vqa": "question", "grounding": "phrase", "generate": "prompt"}
-DEFAULT_BATCH = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05}
+logger = logging.getLogger("ray.serve")
+DEFAULT_BATCH = {"max_batch_size": 8, "batch_wait_timeout_s": 0.05, "scheduler": "continuous"}
+SCHEDULERS = ("continuous", "batch")
 
 
 def error(status: int, code: str, message: str) -> dict:
     return {"error": {"status": status, "code": code, "message": message}}
-
-
-class ModelCatalog:
-    """Model id -> loaded Predictor. Sources: an export directory (a glob picks the newest match, e.g.
-    `runs/tiny/*/export`), or an MLflow URI (`models:/name/version`, `models:/name@alias`, `runs:/id/path`)
-    downloaded once into `cache_dir`."""
-
-    def __init__(self, models: dict[str, str], device: str = "auto", tracking_uri: str | None = None,
-                 cache_dir: str = "/tmp/cxrfm-model-cache", dtype: str = "auto", attention: str | None = None):
-        self.models, self.device, self.tracking_uri, self.cache_dir = dict(models), device, tracking_uri, Path(cache_dir)
-        self.dtype, self.attention = dtype, attention
-
-    def resolve(self, model_id: str) -> Path:
-        if model_id not in self.models:
-            raise KeyError(f"model {model_id!r} is not in this application's catalog")
-        source = self.models[model_id]
-        if source.startswith(("models:/", "runs:/")):
-            import mlflow.artifacts
-
-            dest = self.cache_dir / re.sub(r"[^A-Za-z0-9_.-]+", "_", source)
-            if not (dest / "config.json").is_file():
-                uri = self._registry_source(source) if source.startswith("models:/") else source
-                # Download beside the cache entry, then rename: a half-downloaded export is never used,
-                # and replicas on one node that race for the same model end with one complete copy.
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                staging = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=".download-"))
-                try:
-                    local = mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(staging),
-                                                                tracking_uri=self.tracking_uri)
-                    try:
-                        os.replace(local, dest)
-                    except OSError:
-                        if not (dest / "config.json").is_file():
-                            raise
-                finally:
-                    shutil.rmtree(staging, ignore_errors=True)
-            return dest
-        if any(c in source for c in "*?["):
-            root = Path(source).anchor or "."
-            # A link's own mtime: symlinked exports would otherwise all share their target's.
-            matches = sorted(Path(root).glob(str(Path(source).relative_to(root))), key=lambda p: p.lstat().st_mtime)
-            if not matches:
-                raise FileNotFoundError(f"model {model_id!r}: nothing matches {source}; train one with `cxrfm train`")
-            return matches[-1]
-        return Path(source)
-
-    def _registry_source(self, uri: str) -> str:
-        """models:/name/version, models:/name/latest or models:/name@alias -> the version's artifact URI.
-        Resolved with a client bound to our store: MLflow's own models:/ download reads only the
-        process-wide registry URI. tracking_uri None: MLFLOW_TRACKING_URI from the environment."""
-        from mlflow import MlflowClient
-
-        client = MlflowClient(self.tracking_uri, registry_uri=self.tracking_uri)
-        name, _, ref = uri[len("models:/"):].partition("/")
-        if "@" in name:
-            name, alias = name.split("@", 1)
-            version = client.get_model_version_by_alias(name, alias).version
-        elif ref in ("", "latest"):
-            version = max((v.version for v in client.search_model_versions(f"name='{name}'")), key=int, default=None)
-            if version is None:
-                raise FileNotFoundError(f"{uri}: the registered model {name!r} has no versions")
-        else:
-            version = ref
-        return client.get_model_version_download_uri(name, version)
-
-    def load(self, model_id: str):
-        from cxrfm.model.generate import Predictor
-
-        # Decided here, in the replica: device, dtype, attention; refuses weights that cannot fit.
-        return Predictor(self.resolve(model_id), device=self.device, dtype=self.dtype, attention=self.attention,
-                         check_memory=True)
 
 
 class _StepStreamer:
@@ -174,35 +110,80 @@ class _TaskBase:
     async def __init__(self, models: dict[str, str], default_model: str = "base", device: str = "auto",
                        mlflow_tracking_uri: str | None = None, model_cache_dir: str = "/tmp/cxrfm-model-cache",
                        preload: list[str] | None = None, batch: dict | None = None, dtype: str = "auto",
-                       attention: str | None = None):
+                       attention: str | None = None, registry_poll_s: float = 30.0):
         self.catalog = ModelCatalog(models, device, mlflow_tracking_uri, model_cache_dir, dtype, attention)
+        self.registry_poll_s = registry_poll_s
+        self.slots: weakref.WeakValueDictionary[str, LoadedModel] = weakref.WeakValueDictionary()  # the multiplexer's
+        self.registry_errors: dict[str, str] = {}
         self.default_model = default_model
         self.runtimes: dict[str, dict] = {}  # model id -> what it runs on in this replica
         self.metrics = TaskMetrics(self.task)
         self.batch_sizes: deque[int] = deque(maxlen=10_000)
+        self.step_sizes: deque[int] = deque(maxlen=10_000)  # continuous: sequences per decode step
         self.loads: Counter[str] = Counter()
         self.served: Counter[str] = Counter()
         self.reconfigure(batch or {})
         # Load the default model before the replica reports ready, so the first request is not a cold one.
         for model_id in preload if preload is not None else [default_model]:
             await self.get_model(model_id)
+        if any(self.catalog.follows_alias(m) for m in models):
+            self._follower = asyncio.get_running_loop().create_task(self._follow_aliases())
+
+    async def _follow_aliases(self) -> None:
+        """Every registry_poll_s: a loaded models:/NAME@ALIAS whose alias moved loads the new version and
+        swaps it in; one that fails to load is logged and the previous version keeps serving."""
+        while True:
+            await asyncio.sleep(self.registry_poll_s)
+            for model_id, slot in list(self.slots.items()):
+                if not self.catalog.follows_alias(model_id):
+                    continue
+                version = slot.version
+                try:
+                    _, version = await asyncio.to_thread(self.catalog.registry_version, self.catalog.models[model_id])
+                    if version == slot.version or version in slot.failed:
+                        continue
+                    predictor = await asyncio.to_thread(self.catalog.load, model_id, version)
+                except Exception as e:  # noqa: BLE001 - registry down or a bad version: keep serving the old one
+                    if version != slot.version:  # resolved, then failed to load
+                        slot.failed.add(version)
+                    self.registry_errors[model_id] = f"{type(e).__name__}: {e}"[:500]
+                    logger.warning(f"model {model_id!r}: keeping version {slot.version}: {self.registry_errors[model_id]}")
+                    continue
+                slot.predictor, slot.version = predictor, version
+                self.runtimes[model_id] = {**predictor.runtime.as_dict(), "source_version": version}
+                self.loads[model_id] += 1
+                self.metrics.model_loaded(model_id)
+                self.registry_errors.pop(model_id, None)
+                logger.info(f"model {model_id!r}: now serving version {version}")
 
     def reconfigure(self, user_config: dict) -> None:
         cfg = {**DEFAULT_BATCH, **(user_config or {})}
+        unknown = set(cfg) - set(DEFAULT_BATCH)
+        if unknown or cfg["scheduler"] not in SCHEDULERS:
+            raise ValueError(f"user_config: unknown keys {sorted(unknown)} or scheduler {cfg['scheduler']!r}; "
+                             f"allowed keys {sorted(DEFAULT_BATCH)}, schedulers {list(SCHEDULERS)}")
+        self.scheduler, self.max_batch_size = cfg["scheduler"], int(cfg["max_batch_size"])
         for handler in (self._run_batch, self._stream_batch):
-            handler.set_max_batch_size(int(cfg["max_batch_size"]))
+            handler.set_max_batch_size(self.max_batch_size)
             handler.set_batch_wait_timeout_s(float(cfg["batch_wait_timeout_s"]))
+        for loop in getattr(self, "_loops", {}).values():
+            loop.max_batch_size = self.max_batch_size
 
-    async def _load(self, model_id: str):
-        predictor = await asyncio.to_thread(self.catalog.load, model_id)
-        self.runtimes[model_id] = predictor.runtime.as_dict()
+    async def _load(self, model_id: str) -> LoadedModel:
+        version = None
+        if self.catalog.models.get(model_id, "").startswith("models:/"):
+            _, version = await asyncio.to_thread(self.catalog.registry_version, self.catalog.models[model_id])
+        predictor = await asyncio.to_thread(self.catalog.load, model_id, version)
+        self.runtimes[model_id] = {**predictor.runtime.as_dict(), "source_version": version}
         self.loads[model_id] += 1
         self.metrics.model_loaded(model_id)
-        return predictor
+        slot = self.slots[model_id] = LoadedModel(predictor, version)
+        return slot
 
     def stats(self) -> dict:
         """Batch sizes run and model loads on this replica (tests and the benchmark read them)."""
-        return {"batch_sizes": list(self.batch_sizes), "loads": dict(self.loads), "served": dict(self.served)}
+        return {"batch_sizes": list(self.batch_sizes), "step_sizes": list(self.step_sizes), "loads": dict(self.loads),
+                "served": dict(self.served), "scheduler": self.scheduler, "registry_errors": dict(self.registry_errors)}
 
     def runtime(self) -> dict[str, dict]:
         """Per loaded model: device, dtype, attention backend (and why), fused kernels, in this replica."""
@@ -210,6 +191,7 @@ class _TaskBase:
 
     def reset_stats(self) -> None:
         self.batch_sizes.clear()
+        self.step_sizes.clear()
 
     async def ready(self) -> bool:
         await self.get_model(self.default_model)
@@ -218,7 +200,61 @@ class _TaskBase:
     # ---- one request -> one answer, batched ---------------------------------------------------------
     async def __call__(self, item: dict) -> dict:
         model_id = serve.get_multiplexed_model_id() or self.default_model
+        if self.scheduler == "continuous" and self.task != "generate":
+            return await self._continuous(model_id, item)
         return await self._run_batch(model_id, item)
+
+    # ---- continuous batching: one decode loop per loaded model ------------------------------------------
+    def _decode_loop(self, predictor):
+        from .continuous import DecodeLoop
+
+        self._loops = getattr(self, "_loops", {})
+        # Keyed by the Predictor object: an evicted model's loop goes with it (its thread exits when idle).
+        loop = self._loops.get(id(predictor))
+        if loop is None or loop.p is not predictor:
+            self._loops = {k: v for k, v in self._loops.items() if v.p is not predictor}
+            loop = self._loops[id(predictor)] = DecodeLoop(predictor, self.max_batch_size, on_step=self._stepped)
+        return loop
+
+    def _stepped(self, size: int) -> None:  # called from the decode thread
+        self.step_sizes.append(size)
+        self.metrics.batch_ran(size)
+
+    async def _continuous(self, model_id: str, item: dict, on_token=None) -> dict:
+        predictor, err = await self._model_or_error(model_id)
+        if err:
+            return err
+        try:
+            answer = await self._decode_loop(predictor).generate(self._request(item), int(item.get("max_new_tokens", 64)),
+                                                                 on_token)
+        except ValueError as e:  # ImageError and prompt problems: the caller's input
+            return error(400, "bad_input", str(e))
+        except Exception as e:  # noqa: BLE001
+            return error(500, "generation_failed", f"generation failed ({type(e).__name__})")
+        self.served[model_id] += 1
+        return self._format(answer, model_id, item.get("task", "report"))
+
+    async def _stream_continuous(self, model_id: str, item: dict):
+        predictor, err = await self._model_or_error(model_id)
+        if err:
+            yield err
+            return
+        tokens: asyncio.Queue = asyncio.Queue()
+        task = asyncio.ensure_future(self._continuous(model_id, item, tokens.put_nowait))
+        task.add_done_callback(lambda _: tokens.put_nowait(None))  # after every token: same loop, FIFO
+        rows, sent = [], ""
+        try:
+            while (tok := await tokens.get()) is not None:
+                rows.append(tok)
+                text = predictor.tokenizer.decode(rows, skip_special_tokens=False).lstrip()
+                if not text.endswith("\ufffd"):  # hold back a split multi-byte character
+                    yield {"token": text[len(sent):]}
+                    sent = text
+            result = task.result()
+            yield result if "error" in result else {"done": True, "model": model_id, "text": result.get("text", ""),
+                                                    "tokens": result["tokens"]}
+        finally:
+            task.cancel()  # the caller went away: the sequence leaves the batch at the next step
 
     def _request(self, item: dict) -> dict:
         from cxrfm.data.samples import report_prompt
@@ -239,7 +275,7 @@ class _TaskBase:
 
     async def _model_or_error(self, model_id: str):
         try:
-            return await self.get_model(model_id), None
+            return (await self.get_model(model_id)).predictor, None
         except Exception as e:  # noqa: BLE001 - a missing export or registry must not crash the replica
             return None, error(503, "model_unavailable", f"model {model_id!r} cannot be loaded: {type(e).__name__}: {e}")
 
@@ -291,6 +327,10 @@ class _TaskBase:
     # ---- streaming: token deltas per step, batched ------------------------------------------------
     async def stream(self, item: dict):
         model_id = serve.get_multiplexed_model_id() or self.default_model
+        if self.scheduler == "continuous":
+            async for event in self._stream_continuous(model_id, item):
+                yield event
+            return
         async for event in self._stream_batch(model_id, item):
             if event is not None:
                 yield event

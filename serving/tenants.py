@@ -262,6 +262,7 @@ class Authenticator:
         self._pepper = secrets.token_bytes(32)
         self._cache: OrderedDict[bytes, tuple[str | None, float]] = OrderedDict()
         self._failures: dict[str, tuple[float, float]] = {}  # key id -> (failure tokens left, last refill)
+        self._verifying: dict[str, threading.Lock] = {}  # key id -> held while one of its keys is verified
         self._lock = threading.Lock()
         self.verifications = 0  # scrypt evaluations done (tests read it)
 
@@ -279,24 +280,25 @@ class Authenticator:
             while len(self._cache) > self.size:
                 self._cache.popitem(last=False)
 
-    def _spend_failure_token(self, key_id: str) -> None:
-        """Take one verification from the key id's failure bucket, or raise AuthThrottled. A success
-        gives it back (below), so only failures drain it."""
+    def _failure_tokens(self, key_id: str, spend: bool) -> None:
+        """Check (and with spend, take one from) the key id's failure bucket; raise AuthThrottled when it
+        is empty. Only failures spend: a burst of its owner's requests on a cold cache drains nothing."""
         with self._lock:
             now = self.clock()
             tokens, stamp = self._failures.get(key_id, (float(self.fail_burst), now))
             tokens = min(float(self.fail_burst), tokens + (now - stamp) * self.fail_rate)
-            if tokens < 1.0:
-                self._failures[key_id] = (tokens, now)
+            self._failures[key_id] = (tokens - 1.0 if spend else tokens, now)
+            if not spend and tokens < 1.0:
                 raise AuthThrottled((1.0 - tokens) / self.fail_rate)
-            self._failures[key_id] = (tokens - 1.0, now)
             if len(self._failures) > self.size:  # bounded: forget the oldest buckets
                 self._failures.pop(next(iter(self._failures)))
 
-    def _refund(self, key_id: str) -> None:
+    def _key_lock(self, key_id: str) -> threading.Lock:
         with self._lock:
-            tokens, stamp = self._failures.get(key_id, (float(self.fail_burst), self.clock()))
-            self._failures[key_id] = (min(float(self.fail_burst), tokens + 1.0), stamp)
+            lock = self._verifying.setdefault(key_id, threading.Lock())
+            if len(self._verifying) > self.size:
+                self._verifying.pop(next(iter(self._verifying)))
+            return lock
 
     def authenticate(self, key: str | None) -> Tenant | None:
         if not key or len(key) > 256:
@@ -310,14 +312,20 @@ class Authenticator:
         tag = hmac.new(self._pepper, key.encode(), hashlib.sha256).digest()
         hit, name = self._cached(tag)
         if not hit:
-            self._spend_failure_token(rec.key_id)  # raises AuthThrottled before any scrypt work
-            self.verifications += 1
-            digest = hash_secret(parts[1], bytes.fromhex(rec.salt))
-            name = rec.tenant if hmac.compare_digest(digest.hex(), rec.hash) else None
-            if name is not None:
-                self._refund(rec.key_id)
-            # Failures are cached too: retrying one wrong secret does not buy our CPU either.
-            self._remember(tag, name)
+            self._failure_tokens(rec.key_id, spend=False)  # raises AuthThrottled before any scrypt work
+            # One verification per key id at a time: concurrent requests with the same key wait for the
+            # first and then hit the cache; a flood gets one scrypt at a time until its bucket is empty.
+            with self._key_lock(rec.key_id):
+                hit, name = self._cached(tag)
+                if not hit:
+                    self._failure_tokens(rec.key_id, spend=False)
+                    self.verifications += 1
+                    digest = hash_secret(parts[1], bytes.fromhex(rec.salt))
+                    name = rec.tenant if hmac.compare_digest(digest.hex(), rec.hash) else None
+                    if name is None:
+                        self._failure_tokens(rec.key_id, spend=True)
+                    # Failures are cached too: retrying one wrong secret does not buy our CPU either.
+                    self._remember(tag, name)
         tenant = self.store.tenant(name) if name else None  # policy re-read: edits apply at once
         return tenant if tenant is not None and tenant.enabled else None
 

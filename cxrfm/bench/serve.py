@@ -1,9 +1,11 @@
 """`cxrfm bench serve`: the serving application under a bounded HTTP load on loopback.
 
-1. Batching: one TextGenerator replica, the same deployment measured with `@serve.batch`
-   (max_batch_size N) and with max_batch_size=1 (the baseline), alternating per concurrency level in one
-   run. Each level sends a fixed number of requests (and stops at a time cap): p50/p95/p99 latency,
-   requests/s, the mean batch the deployment actually ran, and errors.
+1. Batching: one TextGenerator replica, the same deployment measured with continuous batching
+   (iteration-level, at most N sequences per decode step), with request-level `@serve.batch`
+   (max_batch_size N, the previous mode) and with max_batch_size=1 (the baseline), alternating per
+   concurrency level in one run (switched live through the deployment's reconfigure). Each level sends a
+   fixed number of requests (and stops at a time cap): p50/p95/p99 latency, requests/s, the mean batch the
+   deployment actually ran (continuous: sequences per decode step), and errors.
 2. Autoscaling: the TextGenerator with min 1 / max N replicas under a load phase, then idle; prints
    the replica count over time (it should rise under load and fall back after it).
 
@@ -119,27 +121,33 @@ def batching_table(args, url: str, key: str) -> list[dict]:
     handle = serve.get_deployment_handle("TextGenerator", APP)
     body, rows = _body(args.max_new_tokens), []
     asyncio.run(load(url, key, body, 2, 4, 60))  # warm-up: first-call costs out of the table
+    modes = ((f"continuous (max {args.max_batch_size})", "continuous", args.max_batch_size),
+             (f"@serve.batch (max {args.max_batch_size})", "batch", args.max_batch_size),
+             ("max_batch_size=1", "batch", 1))
     for level in [int(x) for x in args.levels.split(",")]:
-        for name, size in ((f"batched (max {args.max_batch_size})", args.max_batch_size), ("max_batch_size=1", 1)):
-            handle.reconfigure.remote({"max_batch_size": size, "batch_wait_timeout_s": args.batch_wait_s}).result()
+        for name, scheduler, size in modes:
+            handle.reconfigure.remote({"max_batch_size": size, "batch_wait_timeout_s": args.batch_wait_s,
+                                       "scheduler": scheduler}).result()
             handle.reset_stats.remote().result()
             res = load(url, key, body, level, max(args.requests, 2 * level), args.level_timeout_s)
             res = asyncio.run(res)
-            sizes = handle.stats.remote().result()["batch_sizes"]
+            stats = handle.stats.remote().result()
+            sizes = stats["step_sizes"] if scheduler == "continuous" else stats["batch_sizes"]
             rows.append({"level": level, "mode": name, "batch": sum(sizes) / max(1, len(sizes)), **res})
-            print(f"  concurrency {level:>3}  {name:<18} {res['rps']:6.2f} req/s  p50 {res['p50']:7.0f} ms", flush=True)
+            print(f"  concurrency {level:>3}  {name:<22} {res['rps']:6.2f} req/s  p50 {res['p50']:7.0f} ms  "
+                  f"p95 {res['p95']:7.0f} ms", flush=True)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
-    print(f"\n{'conc':>4} | {'mode':<18} | {'ok':>4} | {'err':>3} | {'req/s':>6} | {'p50 ms':>7} | {'p95 ms':>7} | "
-          f"{'p99 ms':>7} | {'mean batch':>10} | {'vs max_batch_size=1':>19}")
-    print("-" * 112)
+    print(f"\n{'conc':>4} | {'mode':<22} | {'ok':>4} | {'err':>3} | {'req/s':>6} | {'p50 ms':>7} | {'p95 ms':>7} | "
+          f"{'p99 ms':>7} | {'mean batch':>10} | {'req/s vs max_batch_size=1':>25}")
+    print("-" * 122)
     base = {r["level"]: r["rps"] for r in rows if r["mode"] == "max_batch_size=1"}
     for r in rows:
         ratio = r["rps"] / base[r["level"]] if base.get(r["level"]) else float("nan")
-        print(f"{r['level']:>4} | {r['mode']:<18} | {r['ok']:>4} | {r['errors']:>3} | {r['rps']:>6.2f} | {r['p50']:>7.0f} | "
-              f"{r['p95']:>7.0f} | {r['p99']:>7.0f} | {r['batch']:>10.2f} | {ratio:>18.2f}x")
+        print(f"{r['level']:>4} | {r['mode']:<22} | {r['ok']:>4} | {r['errors']:>3} | {r['rps']:>6.2f} | {r['p50']:>7.0f} | "
+              f"{r['p95']:>7.0f} | {r['p99']:>7.0f} | {r['batch']:>10.2f} | {ratio:>24.2f}x")
 
 
 def replica_count() -> dict[str, int]:
@@ -213,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/v1/report"
-        print("\n[1/2] batching: the same deployment with @serve.batch and with max_batch_size=1")
+        print("\n[1/2] batching: the same deployment with continuous batching, @serve.batch and max_batch_size=1")
         _deploy(args, export, store, None)
         print_table(batching_table(args, url, key))
         if args.autoscale_max > 1:

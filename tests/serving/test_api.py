@@ -3,6 +3,7 @@ DICOM, streaming, batching, multiplexing, operations (health, request ids, metri
 
 import base64
 import json
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -185,13 +186,29 @@ def test_report_streams_tokens_as_server_sent_events(server):
     assert done["request_id"] == r.headers["x-request-id"]
 
 
-def test_concurrent_requests_are_batched(server):
-    server.handle("TextGenerator").reset_stats.remote().result(timeout_s=30)
-    with ThreadPoolExecutor(6) as pool:
-        results = list(pool.map(lambda i: server.post("/v1/report", "acme", json=study(max_new_tokens=4)), range(6)))
-    assert [r.status_code for r in results] == [200] * 6
-    sizes = server.stats("TextGenerator")["batch_sizes"]
-    assert sum(sizes) == 6 and max(sizes) > 1, sizes
+@pytest.mark.parametrize("scheduler", ["continuous", "batch"])
+def test_concurrent_requests_are_batched(server, scheduler):
+    handle = server.handle("TextGenerator")
+    handle.reconfigure.remote({"max_batch_size": 8, "batch_wait_timeout_s": 0.3, "scheduler": scheduler}).result(
+        timeout_s=30)
+    handle.reset_stats.remote().result(timeout_s=30)
+    start = threading.Barrier(6)  # the six leave together, well inside the 0.3 s batch window
+
+    def one(_):
+        start.wait(timeout=60)
+        return server.post("/v1/report", "acme", json=study(max_new_tokens=4))
+
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(one, range(6)))
+        stats = server.stats("TextGenerator")
+    finally:
+        handle.reconfigure.remote({"max_batch_size": 8, "batch_wait_timeout_s": 0.3}).result(timeout_s=30)
+    assert [r.status_code for r in results] == [200] * 6 and stats["scheduler"] == scheduler
+    if scheduler == "batch":  # request-level: six requests in batches
+        assert sum(stats["batch_sizes"]) == 6 and max(stats["batch_sizes"]) > 1, stats
+    else:  # iteration-level: decode steps that ran several sequences at once
+        assert stats["batch_sizes"] == [] and max(stats["step_sizes"]) > 1, stats
 
 
 def test_tenant_models_load_once_then_lru(server):

@@ -48,3 +48,15 @@ def test_release_before_acquire_and_by_caller_chosen_lease():
     assert d.ok and d.lease == "mine" and not lim.acquire("t", 100, 100, 1).ok
     lim.release("t", "mine")
     assert lim.acquire("t", 100, 100, 1).ok
+
+
+def test_a_burst_of_the_owners_requests_on_a_cold_cache_is_not_throttled(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = tmp_path / "t.yaml"
+    key = add_tenant(store, Tenant(name="acme"))
+    auth = Authenticator(store, cache_ttl_s=30, fail_burst=2)
+    with ThreadPoolExecutor(16) as pool:
+        tenants = list(pool.map(lambda _: auth.authenticate(key), range(16)))
+    assert [t.name for t in tenants] == ["acme"] * 16
+    assert auth.verifications == 1  # the others waited for the first check and used its result

@@ -1,0 +1,215 @@
+"""Continuous batching (iteration-level scheduling, as vLLM and TGI do it) for greedy text generation.
+
+One `DecodeLoop` per loaded model in a replica owns one thread that runs one decode loop:
+
+- a new request is prefilled on its own (batch of one: the same computation as single-request
+  `Predictor.generate_batch`) and joins the running batch at the next decode step;
+- every step decodes one token for every running sequence in ONE forward pass over a left-padded batched
+  KV cache (`DynamicCache`), with each row's own RoPE positions and a mask over its padding;
+- a sequence that emits EOS, reaches its budget or whose caller went away leaves at once, and its cache
+  rows are dropped (the padding of the rest is trimmed);
+- when nothing runs the thread sleeps on the queue: an idle replica starts a request immediately, there is
+  no batch window.
+
+Hand-written rather than transformers' continuous batching (`generate_batch` / `ContinuousBatchingManager`,
+paged cache): that takes token ids only, while our prompts carry image embeddings in the `<image>` slots
+(`inputs_embeds`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class _Sequence:
+    request: dict  # {"task", "images": {role: (H, W) uint8}, "text"} as for Predictor.generate_batch
+    budget: int  # max new tokens
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future
+    on_token: object = None  # callable(token id), called on the event loop, for streaming
+    tokens: list[int] = field(default_factory=list)
+    cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, kv heads, length, head dim)
+    position: int = 0  # RoPE position of the next token
+    cancelled: bool = False
+
+
+class DecodeLoop:
+    """Iteration-level scheduler over one Predictor. `generate()` is called on the replica's event loop;
+    the model runs in this loop's own thread."""
+
+    def __init__(self, predictor, max_batch_size: int = 16, idle_exit_s: float = 60.0, on_step=None):
+        from cxrfm.text.tokenizer import EOS, PAD
+
+        self.p, self.max_batch_size, self.idle_exit_s = predictor, max_batch_size, idle_exit_s
+        self.eos, self.pad = predictor.vocab[EOS], predictor.vocab[PAD]
+        self.pending: queue.Queue[_Sequence] = queue.Queue()
+        self.running: list[_Sequence] = []
+        self.step_sizes: deque[int] = deque(maxlen=10_000)  # sequences per decode step (stats)
+        self.on_step = on_step  # callable(sequences in this step), from the loop's thread
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # ---- the caller's side (event loop) ------------------------------------------------------------
+    async def generate(self, request: dict, max_new_tokens: int, on_token=None):
+        """-> Answer (as Predictor.generate_batch gives). Cancelling the awaiting task removes the sequence
+        from the batch at the next step."""
+        loop = asyncio.get_running_loop()
+        seq = _Sequence(request, int(max_new_tokens), loop, loop.create_future(), on_token)
+        self.pending.put(seq)
+        self._ensure_thread()
+        try:
+            return await asyncio.shield(seq.future)
+        except asyncio.CancelledError:
+            seq.cancelled = True
+            raise
+
+    def _ensure_thread(self) -> None:
+        with self._lock:
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="cxrfm-decode-loop", daemon=True)
+                self._thread.start()
+
+    # ---- the loop (its own thread) --------------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            if not self.running:
+                try:  # idle: block until a request comes, no window
+                    self.pending.put(self.pending.get(timeout=self.idle_exit_s))
+                except queue.Empty:
+                    with self._lock:
+                        if self.pending.empty():
+                            self._thread = None
+                            return
+                    continue
+            self._admit()
+            if self.running:
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 - fail the batch, keep the loop for the next requests
+                    for seq in self.running:
+                        self._fail(seq, e)
+                    self.running = []
+
+    def _admit(self) -> None:
+        while len(self.running) < self.max_batch_size:
+            try:
+                seq = self.pending.get_nowait()
+            except queue.Empty:
+                return
+            if seq.cancelled:
+                continue
+            try:
+                first = self._prefill(seq)
+            except Exception as e:  # noqa: BLE001 - this request's input, not the loop's problem
+                self._fail(seq, e)
+                continue
+            self.running.append(seq)
+            self._emit(seq, first)
+        self._drop_finished()
+
+    @torch.no_grad()
+    def _prefill(self, seq: _Sequence) -> int:
+        from transformers import DynamicCache
+
+        p, r = self.p, seq.request
+        ids, stack, present = p._prompt(r["task"], r["images"], r.get("text", ""))
+        dev = p.device
+        embeds = p.model.embed(torch.tensor([ids], device=dev), torch.as_tensor(stack[None], device=dev),
+                               torch.as_tensor(present[None], device=dev))  # (1, T, D)
+        cache = DynamicCache()
+        out = p.model.language(inputs_embeds=embeds, attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
+                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+        seq.cache = [(layer.keys, layer.values) for layer in cache.layers]
+        seq.position = len(ids)
+        return int(out.logits[0, -1].argmax())
+
+    @torch.no_grad()
+    def _step(self) -> None:
+        """One token for every running sequence: one forward pass over the left-padded batch."""
+        from transformers import DynamicCache
+
+        seqs, p, dev = self.running, self.p, self.p.device
+        self.step_sizes.append(len(seqs))
+        if self.on_step is not None:
+            self.on_step(len(seqs))
+        longest = max(s.cache[0][0].shape[-2] for s in seqs)
+        layers = []
+        for layer in range(len(seqs[0].cache)):
+            keys, values = [], []
+            for s in seqs:
+                k, v = s.cache[layer]  # (1, Hkv, L, Dh)
+                gap = longest - k.shape[-2]
+                keys.append(torch.nn.functional.pad(k, (0, 0, gap, 0)) if gap else k)
+                values.append(torch.nn.functional.pad(v, (0, 0, gap, 0)) if gap else v)
+            layers.append((torch.cat(keys), torch.cat(values)))  # (B, Hkv, longest, Dh)
+        cache = DynamicCache()
+        for i, (k, v) in enumerate(layers):
+            cache.update(k, v, i)
+        mask = torch.zeros(len(seqs), longest + 1, dtype=torch.long, device=dev)  # (B, longest + 1)
+        for row, s in enumerate(seqs):
+            mask[row, longest - s.cache[0][0].shape[-2]:] = 1
+        last = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # (B, 1)
+        out = p.model.language(
+            inputs_embeds=p.model.language.get_input_embeddings()(last), attention_mask=mask,
+            position_ids=torch.tensor([[s.position] for s in seqs], device=dev), past_key_values=cache,
+            cache_position=torch.tensor([longest], device=dev), use_cache=True, logits_to_keep=1)
+        nxt = out.logits[:, -1].argmax(-1).tolist()  # (B,)
+        for row, s in enumerate(seqs):
+            keep = s.cache[0][0].shape[-2] + 1
+            s.cache = [(lay.keys[row:row + 1, :, -keep:], lay.values[row:row + 1, :, -keep:]) for lay in cache.layers]
+            s.position += 1
+            self._emit(s, nxt[row])
+        self._drop_finished()
+
+    def _emit(self, seq: _Sequence, token: int) -> None:
+        if seq.cancelled:
+            return
+        if token == self.eos:
+            seq.budget = len(seq.tokens)  # finished: EOS is not part of the answer
+            return
+        seq.tokens.append(token)
+        if seq.on_token is not None:
+            seq.loop.call_soon_threadsafe(seq.on_token, token)
+
+    def _drop_finished(self) -> None:
+        still = []
+        for s in self.running:
+            if s.cancelled:
+                continue
+            if len(s.tokens) >= s.budget:
+                self._finish(s)
+            else:
+                still.append(s)
+        self.running = still
+
+    def _finish(self, seq: _Sequence) -> None:
+        try:
+            text = self.p.tokenizer.decode(seq.tokens, skip_special_tokens=False).strip()
+            answer = self.p._finish(seq.request, text)
+            answer.tokens = len(seq.tokens)
+        except Exception as e:  # noqa: BLE001
+            self._fail(seq, e)
+            return
+        seq.cache = None
+        seq.loop.call_soon_threadsafe(_resolve, seq.future, answer, None)
+
+    def _fail(self, seq: _Sequence, error: Exception) -> None:
+        seq.cache = None
+        seq.loop.call_soon_threadsafe(_resolve, seq.future, None, error)
+
+
+def _resolve(future: asyncio.Future, result, error) -> None:
+    if future.done():
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
