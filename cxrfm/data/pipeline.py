@@ -84,7 +84,7 @@ class StudyToExample:
         # A different draw every call (epoch), reproducible for the same seed and stream order.
         rng = np.random.default_rng([self.seed, self.calls, zlib.crc32("".join(map(str, keys)).encode())])
         self.calls += 1
-        columns = {c: batch[c] for c in batch if not c.startswith("__") and c != "shard_skip"}
+        columns = {c: batch[c] for c in batch if not c.startswith("__") and c not in ("shard_skip", "shard_samples")}
         shard_skip = batch.get("shard_skip", np.zeros(len(keys), np.int64))
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "attention_mask", "images", "image_present", "findings")}
         skip, task, trunc = [], [], []
@@ -101,6 +101,8 @@ class StudyToExample:
             trunc.append(truncated)
         result = {k: np.stack(v) for k, v in out.items()}
         result["skip_code"] = np.array(skip, np.int64)
+        # how many samples a row stands for when skipped (a whole shard for a placeholder)
+        result["skip_count"] = np.asarray(batch.get("shard_samples", np.ones(len(keys))), np.int64)
         result["task"] = np.array(task, np.int64)
         result["truncated"] = np.array(trunc, np.int64)
         return result
@@ -119,15 +121,16 @@ def map_studies(batch: dict[str, np.ndarray], tokenizer_dir: str, spec: SampleSp
 
 
 def _placeholders(entry: dict, reason: str) -> list[dict]:
-    code = SKIP_REASONS.index(reason)
-    return [{"__key__": f"{entry['path']}#{i}", "shard_skip": code, **{m: b"" for m in MEMBERS}}
-            for i in range(entry["samples"])]
+    """One row standing for all of a shard's samples: the loop counts `shard_samples` of them as skipped. One,
+    not one per sample: a batch made only of placeholders would give the model no image to encode."""
+    return [{"__key__": f"{entry['path']}#skipped", "shard_skip": SKIP_REASONS.index(reason),
+             "shard_samples": entry["samples"], **{m: b"" for m in MEMBERS}}]
 
 
 def read_shard(entry: dict) -> list[dict]:
     """flat_map: one manifest entry {path, sha256 (empty: unchecked), samples} -> the shard's samples in key
     order. A shard gone since the listing, one whose sha256 differs from the manifest, or an unreadable tar
-    gives `samples` placeholder rows carrying the reason, which the training loop counts."""
+    gives a placeholder row carrying the reason and the shard's sample count, which the training loop counts."""
     try:
         data = store.read_bytes(entry["path"])
     except FileNotFoundError:
@@ -143,7 +146,8 @@ def read_shard(entry: dict) -> list[dict]:
                     samples[key][ext] = tar.extractfile(member).read()
     except (tarfile.TarError, EOFError):
         return _placeholders(entry, "unreadable_shard")
-    return [{"__key__": key, "shard_skip": 0, **{m: samples[key].get(m, b"") for m in MEMBERS}} for key in sorted(samples)]
+    return [{"__key__": key, "shard_skip": 0, "shard_samples": 1, **{m: samples[key].get(m, b"") for m in MEMBERS}}
+            for key in sorted(samples)]
 
 
 def shard_entries(cfg: Config, split: str) -> tuple[list[dict], dict[str, int]]:

@@ -169,9 +169,10 @@ def train_loop_per_worker(config: dict) -> None:
         for raw in batches:
             t_got = time.perf_counter()
             skip = raw.pop("skip_code")
+            counts = raw.pop("skip_count", None)  # a placeholder row stands for a whole unusable shard
             truncated = raw.pop("truncated")
-            for code in skip[skip > 0]:
-                window.sums[f"skipped/{SKIP_REASONS[code]}"] += 1
+            for i in (skip > 0).nonzero()[0]:
+                window.sums[f"skipped/{SKIP_REASONS[skip[i]]}"] += 1 if counts is None else int(counts[i])
             batch = _to_device(raw, device)
             result = engine(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_present"],
                             labels=batch["labels"], task=batch["task"], findings=batch.get("findings"))

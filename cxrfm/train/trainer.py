@@ -89,10 +89,10 @@ def stopped_message(run_name: str, storage: Path, cfg: Config, err: Exception) -
     ckpt, step = latest_checkpoint(storage)
     cause = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
     where = f"its last checkpoint is step {step} ({ckpt})" if ckpt else "it has no checkpoint yet"
-    return (f"run {run_name} stopped after {cfg.train.max_failures} restart(s) / {cfg.train.capacity_retries} "
-            f"start attempt(s) without enough workers ({cause}); {where}. When the cluster has "
-            f"{cfg.train.num_workers} worker slots again, continue it with: cxrfm train --resume {run_name} "
-            f"--set train.output_dir={cfg.train.output_dir}")
+    return (f"run {run_name} stopped ({cause}) after Ray Train's retries (train.max_failures="
+            f"{cfg.train.max_failures}, train.capacity_retries={cfg.train.capacity_retries}); {where}. Once the cause "
+            f"is fixed or the cluster has {cfg.train.num_workers} worker slots again, continue it with: "
+            f"cxrfm train --resume {run_name} --set train.output_dir={cfg.train.output_dir}")
 
 
 def _progress(queue, total: int, start: int, history: list[dict], stop: threading.Event) -> None:
