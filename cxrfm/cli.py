@@ -150,6 +150,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         Path(args.json).write_text(_json.dumps(metrics, indent=1, sort_keys=True))
     if not args.no_mlflow:
         print(f"logged to MLflow run {log_to_mlflow(metrics, export, args.split)}")
+        from cxrfm.registry import attach_eval
+
+        for name, version in attach_eval(export, metrics, args.split):  # registered from this export's run
+            print(f"metrics attached to registered model {name} version {version}")
     return 0
 
 
@@ -173,7 +177,8 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
 
 # Command groups that live in their own modules: "module:function(subparsers)".
 COMMAND_GROUPS = ("cxrfm.jobs:add_jobs_parser", "cxrfm.plan:add_plan_parser", "cxrfm.bench:add_bench_parser",
-                  "cxrfm.serving.cli:add_serve_parser", "cxrfm.eval.labeler_score:add_labeler_parser")
+                  "cxrfm.serving.cli:add_serve_parser", "cxrfm.eval.labeler_score:add_labeler_parser",
+                  "cxrfm.registry:add_models_parser")
 
 
 def build_parser() -> argparse.ArgumentParser:

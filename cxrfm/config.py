@@ -278,6 +278,8 @@ class TrackingConfig(_Section):
     mlflow_uri: str | None = None
     experiment: str = "cxrfm"
     run_name: str | None = None
+    # Register the run's export as a new version of this MLflow registered model (cxrfm models ...)
+    register_as: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 
 # GPU kinds a job can ask for: `cxrfm plan --gpu` takes the same names, and on Kubernetes each maps to

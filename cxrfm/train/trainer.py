@@ -237,6 +237,12 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     export_dir = run_dir / "export"
     ckpt = result.checkpoint.path if result.checkpoint else None
     mlflow.log_artifacts(str(export_dir), artifact_path="export")
+    if cfg.tracking.register_as:  # a registry version with the run's config and data; cxrfm models promote ...
+        from cxrfm.registry import register_export
+
+        version = register_export(uri, run_id, cfg.tracking.register_as, cfg.dump(), manifests)
+        print(f"registered {cfg.tracking.register_as} version {version} (cxrfm models promote "
+              f"{cfg.tracking.register_as} {version} --alias champion)")
     skipped = {k.removeprefix("total_skipped/"): v for k, v in metrics.items() if k.startswith("total_skipped/") and v}
     skipped.update(excluded)
     mlflow.log_metrics({f"skipped/{k}": v for k, v in skipped.items()} or {"skipped/total": 0})
