@@ -79,28 +79,47 @@ def test_rate_limit_429_then_recovery(server):
     assert r.status_code == 429 and error_of(r)["code"] == "rate"
     wait = int(r.headers["retry-after"])
     assert 1 <= wait <= 2
-    time.sleep(wait + 0.2)
-    assert server.post("/v1/report", "slow", **bad).status_code == 400  # admitted again
+    # Admitted again once the bucket refills (0.5 requests/s): poll, never longer than a generous deadline. A
+    # rejected attempt spends no token, so polling does not delay the recovery it waits for.
+    deadline, codes = time.monotonic() + wait + 30, []
+    while not codes or codes[-1] == 429:
+        assert time.monotonic() < deadline, f"still rate limited after {wait + 30} s: {codes}"
+        codes.append(server.post("/v1/report", "slow", **bad).status_code)
+        time.sleep(0.1)
+    assert codes[-1] == 400 and set(codes) <= {429, 400}, codes
 
 
 def test_concurrency_limit_429_and_slot_release(server):
-    def one(_):
-        return server.post("/v1/report", "solo", json=study(max_new_tokens=16))
+    """solo may run one request at a time. The test holds solo's one slot itself, through the same limiter
+    the ingress asks, so "a request is in flight" is a fact, not a timing window."""
+    def one():
+        return server.post("/v1/report", "solo", json=study(max_new_tokens=4))
 
-    with ThreadPoolExecutor(4) as pool:
-        results = list(pool.map(one, range(4)))
-    codes = sorted(r.status_code for r in results)
-    assert codes.count(200) >= 1 and codes.count(429) >= 1, codes
-    assert all(error_of(r)["code"] == "concurrency" for r in results if r.status_code == 429)
-    assert one(0).status_code == 200  # every slot came back
+    assert [one().status_code for _ in range(2)] == [200, 200]  # each finished request gave its slot back
+    limiter = server.handle("TenantLimiter")
+    held = limiter.acquire.remote("solo", 200, 200, 1).result(timeout_s=30)
+    assert held["ok"], held
+    try:
+        r = one()
+        assert r.status_code == 429 and error_of(r)["code"] == "concurrency", r.text
+        assert int(r.headers["retry-after"]) >= 1
+    finally:
+        limiter.release.remote("solo", held["lease"]).result(timeout_s=30)
+    assert one().status_code == 200  # the slot is free again
 
 
 def test_overload_is_shed_with_503(server):
     def one(_):
         return server.post("/v1/grounding", "acme", json=study(phrase="effusion", max_new_tokens=24))
 
-    with ThreadPoolExecutor(16) as pool:  # TextGenerator: 8 running + 2 waiting, the rest is shed
-        results = list(pool.map(one, range(16)))
+    start = threading.Barrier(16)  # all 16 leave together: TextGenerator holds 8 running + 2 waiting
+
+    def together(i):
+        start.wait(timeout=60)
+        return one(i)
+
+    with ThreadPoolExecutor(16) as pool:
+        results = list(pool.map(together, range(16)))
     shed = [r for r in results if r.status_code == 503]
     assert shed and any(r.status_code == 200 for r in results), [r.status_code for r in results]
     assert all(error_of(r)["code"] == "overloaded" and int(r.headers["retry-after"]) >= 1 for r in shed)
@@ -162,16 +181,40 @@ def test_replicas_survive_bad_input(server):
     assert server.stats("TextGenerator")["loads"] == before["loads"]  # same replica, nothing reloaded
 
 
+def _windowed_png(photometric: str) -> bytes:
+    """The pixels a DICOM viewer shows for `ramp()` under window 2048/2048, written by hand (DICOM PS3.3
+    C.11.2.1.2 linear window, MONOCHROME1 inverted) and saved as an 8-bit PNG."""
+    import io
+
+    from PIL import Image
+
+    v = np.clip((ramp().astype(np.float64) - 2047.5) / 2047 + 0.5, 0, 1)
+    pixels = np.floor(v * 255 + 0.5).astype(np.uint8)
+    if photometric == "MONOCHROME1":
+        pixels = 255 - pixels
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 @pytest.mark.parametrize("photometric", ["MONOCHROME1", "MONOCHROME2"])
-def test_dicom_studies_are_answered(server, photometric):
+def test_dicom_studies_get_the_answer_of_the_same_pixels_as_png(server, photometric):
     dcm = dicom_bytes(ramp(), photometric, center=2048, width=2048)
-    r = server.post("/v1/grounding", "acme", files={"frontal": ("study.dcm", dcm)},
-                    data={"phrase": "effusion", "max_new_tokens": "8"})
-    assert r.status_code == 200, r.text
-    assert isinstance(r.json()["boxes"], list) and isinstance(r.json()["problems"], list)
-    r = server.post("/v1/report", "acme", json={"images": {"frontal": base64.b64encode(dcm).decode(),
-                                                           "lateral": B64, "prior": B64}, "max_new_tokens": 2})
-    assert r.status_code == 200, r.text
+    png = _windowed_png(photometric)
+    answers = []
+    for name, data in (("study.dcm", dcm), ("study.png", png)):
+        r = server.post("/v1/grounding", "acme", files={"frontal": (name, data)},
+                        data={"phrase": "effusion", "max_new_tokens": "8"})
+        assert r.status_code == 200, r.text
+        answers.append({k: r.json()[k] for k in ("text", "boxes", "problems", "tokens")})
+    assert answers[0] == answers[1]
+    reports = []
+    for frontal in (dcm, png):
+        r = server.post("/v1/report", "acme", json={"images": {"frontal": base64.b64encode(frontal).decode(),
+                                                               "lateral": B64, "prior": B64}, "max_new_tokens": 4})
+        assert r.status_code == 200, r.text
+        reports.append((r.json()["text"], r.json()["tokens"]))
+    assert reports[0] == reports[1]
 
 
 # ---- streaming, batching, multiplexing ---------------------------------------------------------------
@@ -228,11 +271,12 @@ def test_tenant_models_load_once_then_lru(server):
     assert loads()["acme-v2"] == 1 and loads()["base"] == base_loads + 1 and loads()["acme-ft"] == 1
 
 
-@pytest.mark.skipif(not HAS_GENERATE, reason="Predictor.generate_image (diffusion decoder) is not in this build yet")
 def test_generate_returns_a_png(server):
     from PIL import Image
     import io
 
+    # Fails, never skips, if the decoder's entry point disappears: the conftest then deploys no /v1/generate.
+    assert HAS_GENERATE, "Predictor.generate_image is missing, so the application was deployed without generate"
     r = server.post("/v1/generate", "acme", json={"prompt": "small left pleural effusion", "seed": 1, "steps": 2})
     assert r.status_code == 200, r.text
     img = Image.open(io.BytesIO(base64.b64decode(r.json()["image_png_base64"])))
@@ -260,16 +304,21 @@ def test_logs_hold_no_image_bytes_or_text(server):
     marker = "SENTINEL-indication-4711"
     r = server.post("/v1/report", "acme", json=study(indication=marker, max_new_tokens=24))
     assert r.status_code == 200
-    time.sleep(1.0)
+    # Wait for the ingress's access line of this very request (log files are written asynchronously).
+    line = f"request_id={r.headers['x-request-id']} tenant=acme task=report".encode()
+    deadline = time.monotonic() + 60
+    while True:
+        logs = [p for p in Path(server.session_dir, "logs").rglob("*") if p.is_file()]
+        if line in b"".join(p.read_bytes() for p in logs if "Ingress" in p.name):
+            break
+        assert time.monotonic() < deadline, "the ingress did not log the request within 60 s"
+        time.sleep(0.2)
     secrets = [marker, B64[100:160], r.json()["text"]] if len(r.json()["text"]) >= 12 else [marker, B64[100:160]]
-    logs = [p for p in Path(server.session_dir, "logs").rglob("*") if p.is_file()]
     assert any("serve" in str(p) for p in logs)
     for p in logs:
         text = p.read_bytes()
         for s in secrets:
             assert s.encode() not in text, f"{s[:20]}... found in {p}"
-    ingress_logs = b"".join(p.read_bytes() for p in logs if "Ingress" in p.name)
-    assert f"request_id={r.headers['x-request-id']} tenant=acme task=report".encode() in ingress_logs
 
 
 def test_prometheus_has_serve_and_per_tenant_metrics(server):
