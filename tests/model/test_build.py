@@ -139,3 +139,24 @@ def test_predict_and_eval_honour_attention_and_report_it(export, export64, tmp_p
              "--no-baselines", "--no-mlflow")
     assert r.returncode == 0, r.stderr[-2000:]
     assert "model: attention eager" in r.stderr
+
+
+def test_the_entry_point_is_the_only_construction_path():
+    """No package code builds MultitaskModel or loads an export except cxrfm/model/build.py."""
+    import ast
+
+    repo = Path(__file__).resolve().parents[2]
+    offenders = []
+    for folder in ("cxrfm", "serving", "kernels"):
+        for path in (repo / folder).rglob("*.py"):
+            if path.relative_to(repo).as_posix() == "cxrfm/model/build.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(node, ast.Call):
+                    continue
+                f = node.func
+                if (isinstance(f, ast.Name) and f.id == "MultitaskModel") or (
+                        isinstance(f, ast.Attribute) and f.attr == "from_pretrained"
+                        and isinstance(f.value, ast.Name) and f.value.id in ("MultitaskModel", "cls")):
+                    offenders.append(f"{path.relative_to(repo)}:{node.lineno}")
+    assert offenders == [], offenders
