@@ -77,7 +77,7 @@ def trained(small_shards, tmp_path_factory):
 def test_train_end_to_end_loss_falls_and_everything_is_recorded(trained, stage):
     from mlflow.tracking import MlflowClient
 
-    from cxrfm.model.multitask import MultitaskModel
+    from cxrfm.model.build import load_export
 
     out, output = trained(stage)
     assert "mlflow ui --backend-store-uri" in output and "export" in output
@@ -93,6 +93,10 @@ def test_train_end_to_end_loss_falls_and_everything_is_recorded(trained, stage):
     client = MlflowClient(tracking_uri=state["tracking_uri"])
     run = client.get_run(state["mlflow_run_id"])
     assert run.data.params["deepspeed.stage"] == str(stage)
+    # what DeepSpeed itself says it runs, in every rank (engine.zero_optimization_stage()), not the config
+    assert [run.data.params[f"rank{r}/zero_stage"] for r in (0, 1)] == [str(stage)] * 2
+    assert [run.data.params[f"rank{r}/attention"] for r in (0, 1)] == ["sdpa"] * 2
+    assert "tokens_per_s" in run.data.metrics and "tflops_per_device" in run.data.metrics
     assert "samples_per_s" in run.data.metrics and "data_wait_fraction" in run.data.metrics
     artifacts = {a.path for a in client.list_artifacts(state["mlflow_run_id"])}
     assert {"config.yaml", "export"} <= artifacts
@@ -103,7 +107,7 @@ def test_train_end_to_end_loss_falls_and_everything_is_recorded(trained, stage):
     assert all((c / "config.yaml").is_file() for c in ckpts)  # every checkpoint carries its config
 
     export = next(out.glob("*/export"))
-    model = MultitaskModel.from_pretrained(export)
+    model = load_export(export, device="cpu")
     assert (export / "tokenizer.json").is_file()
     # the export holds the trained weights: ZeRO-3 gathered them, nothing is an empty shard
     assert all(p.numel() > 0 and torch.isfinite(p).all() for p in model.parameters())
