@@ -2,6 +2,7 @@
 requests overlap; late arrivals join a running batch; a cancelled request leaves it."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -52,14 +53,15 @@ def test_streamed_tokens_and_cancellation(predictor):
 
     async def run():
         answer = await loop.generate(r, 8, on_token=streamed.append)
-        slow = asyncio.create_task(loop.generate(r, 400))
-        await asyncio.sleep(0.3)
+        decoding = asyncio.Event()
+        slow = asyncio.create_task(loop.generate(r, 400, on_token=lambda _: decoding.set()))
+        await asyncio.wait_for(decoding.wait(), timeout=120)  # cancel it mid-decode, not before it started
         slow.cancel()
         with pytest.raises(asyncio.CancelledError):
             await slow
-        for _ in range(100):  # the cancelled sequence leaves at the next step
-            if not loop.running:
-                break
+        deadline = time.monotonic() + 60
+        while loop.running:  # the cancelled sequence leaves at the next step
+            assert time.monotonic() < deadline, "the cancelled sequence was still decoding after 60 s"
             await asyncio.sleep(0.05)
         return answer
 
