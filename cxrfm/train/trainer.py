@@ -72,7 +72,17 @@ def _data_config(cfg: Config):
 
 
 def latest_checkpoint(storage: Path) -> tuple[str | None, int]:
-    """The checkpoint directory with the highest DeepSpeed step under a run's Ray storage."""
+    """The latest checkpoint Ray Train committed for a run (in its checkpoint_manager_snapshot.json: every rank
+    reported it), and its step. A directory written but not yet committed when a node or the driver died may
+    lack some ranks' partitions, so it is never picked while a snapshot exists. Without one (older runs), the
+    directory with the highest DeepSpeed step."""
+    try:
+        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
+        committed = storage / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
+        if (committed / "latest").is_file():
+            return str(committed), int((committed / "latest").read_text().strip().removeprefix("step"))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no snapshot (yet), or one being rewritten: fall back to the directories
     best, best_step = None, -1
     for latest in storage.glob("checkpoint_*/latest"):
         step = int(latest.read_text().strip().removeprefix("step"))
