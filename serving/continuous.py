@@ -2,8 +2,8 @@
 
 One `DecodeLoop` per loaded model in a replica owns one thread that runs one decode loop:
 
-- a new request is prefilled on its own (batch of one: the same computation as single-request
-  `Predictor.generate_batch`) and joins the running batch at the next decode step;
+- new requests are prefilled together (one left-padded forward pass over all that arrived since the last
+  step, as `Predictor.generate_batch` lays out a batch) and join the running batch at the next step;
 - every step decodes one token for every running sequence in ONE forward pass over a left-padded batched
   KV cache (`DynamicCache`), with each row's own RoPE positions and a mask over its padding;
 - a sequence that emits EOS, reaches its budget or whose caller went away leaves at once, and its cache
@@ -24,6 +24,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -37,6 +38,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, kv heads, length, head dim)
     position: int = 0  # RoPE position of the next token
+    prompt: tuple | None = None  # (ids, image stack, present) between admission and prefill
     cancelled: bool = False
 
 
@@ -98,37 +100,60 @@ class DecodeLoop:
                     self.running = []
 
     def _admit(self) -> None:
-        while len(self.running) < self.max_batch_size:
+        new = []
+        while len(self.running) + len(new) < self.max_batch_size:
             try:
                 seq = self.pending.get_nowait()
             except queue.Empty:
-                return
+                break
             if seq.cancelled:
                 continue
             try:
-                first = self._prefill(seq)
+                r = seq.request
+                seq.prompt = self.p._prompt(r["task"], r["images"], r.get("text", ""))
             except Exception as e:  # noqa: BLE001 - this request's input, not the loop's problem
                 self._fail(seq, e)
                 continue
+            new.append(seq)
+        if not new:
+            return
+        try:
+            firsts = self._prefill(new)
+        except Exception:  # noqa: BLE001 - find the request at fault: one at a time
+            firsts = []
+            for seq in list(new):
+                try:
+                    firsts += self._prefill([seq])
+                except Exception as e:  # noqa: BLE001
+                    self._fail(seq, e)
+                    new.remove(seq)
+        for seq, first in zip(new, firsts):
+            seq.prompt = None
             self.running.append(seq)
             self._emit(seq, first)
         self._drop_finished()
 
     @torch.no_grad()
-    def _prefill(self, seq: _Sequence) -> int:
+    def _prefill(self, seqs: list[_Sequence]) -> list[int]:
+        """One forward pass over the prompts of `seqs`, left-padded; each keeps its own cache rows."""
         from transformers import DynamicCache
 
-        p, r = self.p, seq.request
-        ids, stack, present = p._prompt(r["task"], r["images"], r.get("text", ""))
-        dev = p.device
-        embeds = p.model.embed(torch.tensor([ids], device=dev), torch.as_tensor(stack[None], device=dev),
-                               torch.as_tensor(present[None], device=dev))  # (1, T, D)
+        p, dev = self.p, self.p.device
+        lengths = [len(s.prompt[0]) for s in seqs]
+        width = max(lengths)
+        ids = torch.tensor([[self.pad] * (width - n) + s.prompt[0] for s, n in zip(seqs, lengths)], device=dev)
+        mask = torch.tensor([[0] * (width - n) + [1] * n for n in lengths], device=dev)  # (B, T)
+        images = torch.as_tensor(np.stack([s.prompt[1] for s in seqs]), device=dev)
+        present = torch.as_tensor(np.stack([s.prompt[2] for s in seqs]), device=dev)
+        embeds = p.model.embed(ids, images, present)  # (B, T, D)
         cache = DynamicCache()
-        out = p.model.language(inputs_embeds=embeds, attention_mask=torch.ones(1, len(ids), dtype=torch.long, device=dev),
+        out = p.model.language(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                                past_key_values=cache, use_cache=True, logits_to_keep=1)
-        seq.cache = [(layer.keys, layer.values) for layer in cache.layers]
-        seq.position = len(ids)
-        return int(out.logits[0, -1].argmax())
+        for row, (s, n) in enumerate(zip(seqs, lengths)):
+            s.cache = [(layer.keys[row:row + 1, :, width - n:], layer.values[row:row + 1, :, width - n:])
+                       for layer in cache.layers]
+            s.position = n
+        return out.logits[:, -1].argmax(-1).tolist()
 
     @torch.no_grad()
     def _step(self) -> None:
