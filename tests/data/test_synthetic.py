@@ -11,10 +11,10 @@ import pytest
 
 from cxrfm.data.schema import CHEXPERT_LABELS, Study
 from cxrfm.data.synthetic import generate_phantoms, generate_studies, plan_studies
-from cxrfm.data.synthetic_geometry import grid, lung_mask, zone_v
-from cxrfm.data.synthetic_lateral import render_lateral
-from cxrfm.data.synthetic_render import FrontalScene, dilate4, measure_ctr, render_frontal
-from cxrfm.data.synthetic_truth import CHANGE_STATUS, DEVICE_KINDS, FINDING_KINDS, NEGATABLE, NEGATION_COVERS, Finding
+from cxrfm.data.synthetic.geometry import grid, lung_mask, zone_v
+from cxrfm.data.synthetic.lateral import render_lateral
+from cxrfm.data.synthetic.render import FrontalScene, dilate4, measure_ctr, render_frontal
+from cxrfm.data.synthetic.truth import CHANGE_STATUS, DEVICE_KINDS, FINDING_KINDS, NEGATABLE, NEGATION_COVERS, Finding
 
 SIZE = 128
 

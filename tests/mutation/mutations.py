@@ -111,7 +111,7 @@ MUTATIONS: list[Mutation] = [
              "tl.store(LOSS + row, tl.where(ignored, 0.0, lse - target))", "tl.store(LOSS + row, lse - target)",
              ("tests/kernels/test_cross_entropy.py::test_fp32_matches_reference",), "prompt tokens in the loss"),
     # ---- splits
-    Mutation("split: per study, not per patient (phantoms)", "cxrfm/data/synthetic.py",
+    Mutation("split: per study, not per patient (phantoms)", "cxrfm/data/synthetic/studies.py",
              "split=split_of(patient_id, seed, split_fractions),", 'split=split_of(f"s{index}", seed, split_fractions),',
              ("tests/data/test_synthetic.py::test_patient_level_split_and_fractions",),
              "a patient's exams leak between train and test"),

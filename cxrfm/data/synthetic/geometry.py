@@ -12,7 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from cxrfm.data.synthetic_truth import ZONE_T, Anatomy, Finding
+from cxrfm.data.synthetic.truth import ZONE_T, Anatomy, Finding
 
 # How far the two main bronchi run from the carina, and in which direction (unit vectors in u, v).
 # The right main bronchus is steeper, which is why a deep tube ends up in it.

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from cxrfm.data.synthetic_geometry import ett_tip, grid, smooth_path, stroke
-from cxrfm.data.synthetic_render import LUNG_AIR, blur3, smooth_noise
-from cxrfm.data.synthetic_truth import PLEURAL_SEVERITY, Finding, PhantomTruth
+from cxrfm.data.synthetic.geometry import ett_tip, grid, smooth_path, stroke
+from cxrfm.data.synthetic.render import LUNG_AIR, expose, smooth_noise
+from cxrfm.data.synthetic.truth import PLEURAL_SEVERITY, Finding, PhantomTruth
 
 
 class LateralScene:
@@ -117,10 +117,7 @@ class LateralScene:
         return a + self._devices()
 
     def render(self, rng: np.random.Generator) -> np.ndarray:
-        t = self.truth
-        img = np.clip(blur3(self.attenuation()) / t.exposure, 0.0, 1.0) ** t.gamma
-        img = img + rng.normal(0.0, t.noise, img.shape)
-        return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+        return expose(self.attenuation(), self.truth, rng)
 
 
 def render_lateral(truth: PhantomTruth, size: int, rng: np.random.Generator) -> np.ndarray:

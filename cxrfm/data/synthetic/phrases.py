@@ -1,6 +1,6 @@
 """Sentences for the findings a phantom shows (positive or hedged), each written with the labels it implies.
 
-Used by synthetic_text, which adds negations, interval change, indication and impression. Templates and
+Used by text.py, which adds negations, interval change, indication and impression. Templates and
 synonyms vary the wording; every positive phrase is kept with the findings it names, for grounding.
 """
 
@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-from cxrfm.data.synthetic_truth import Change, Finding, PhantomTruth
+from cxrfm.data.synthetic.truth import Change, Finding, PhantomTruth
 
 # Lobe names by (side, zone) on a frontal film; the left lung has no middle lobe, the lingula is there.
 LOBES = {

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from cxrfm.data.synthetic_geometry import (
+from cxrfm.data.synthetic.geometry import (
     LEFT_BRONCHUS,
     RIGHT_BRONCHUS,
     BRONCHUS_LENGTH,
@@ -36,7 +36,7 @@ from cxrfm.data.synthetic_geometry import (
     to_uv,
     zone_v,
 )
-from cxrfm.data.synthetic_truth import PTX_GAP, SIDES, Finding, PhantomTruth
+from cxrfm.data.synthetic.truth import PTX_GAP, SIDES, Finding, PhantomTruth
 
 LUNG_AIR = 0.72  # attenuation that aerated lung lacks relative to soft tissue
 # A finding's footprint is everywhere it changes the image by more than a few grey levels: a fill of
@@ -377,10 +377,15 @@ class FrontalScene:
         return a
 
     def render(self, rng: np.random.Generator) -> np.ndarray:
-        t = self.truth
-        img = np.clip(blur3(self.attenuation()) / t.exposure, 0.0, 1.0) ** t.gamma
-        img = img + rng.normal(0.0, t.noise, img.shape)
-        return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
+        return expose(self.attenuation(), self.truth, rng)
+
+
+def expose(attenuation: np.ndarray, truth: PhantomTruth, rng: np.random.Generator) -> np.ndarray:
+    """Film of a scene's attenuation (H, W): blur, exposure, gamma and noise of this exam -> uint8 (H, W).
+    Frontal and lateral views share it, so both views of one exam look exposed alike."""
+    img = np.clip(blur3(attenuation) / truth.exposure, 0.0, 1.0) ** truth.gamma
+    img = img + rng.normal(0.0, truth.noise, img.shape)
+    return np.clip(np.rint(img * 255.0), 0, 255).astype(np.uint8)
 
 
 def render_frontal(truth: PhantomTruth, size: int, rng: np.random.Generator) -> np.ndarray:

@@ -10,8 +10,8 @@ from dataclasses import dataclass, replace
 
 import numpy as np
 
-from cxrfm.data.synthetic_geometry import heart_mask, lung_mask, to_uv
-from cxrfm.data.synthetic_truth import (
+from cxrfm.data.synthetic.geometry import heart_mask, lung_mask, to_uv
+from cxrfm.data.synthetic.truth import (
     AP_MAGNIFICATION,
     CARDIOMEGALY_MIN_CTR,
     EXTENT,
@@ -71,7 +71,7 @@ def sample_patient(rng: np.random.Generator) -> Patient:
         gastric_bubble=bool(rng.random() < 0.7),
     )
     # Normal hearts stay below NORMAL_MAX_CTR even magnified on an AP film; enlarged ones are above
-    # CARDIOMEGALY_MIN_CTR even on PA, so the CTR never straddles 0.5 (see synthetic_truth).
+    # CARDIOMEGALY_MIN_CTR even on PA, so the CTR never straddles 0.5 (see truth.py).
     if rng.random() < 0.2:
         base_ctr = rng.uniform(CARDIOMEGALY_MIN_CTR + 0.01, 0.64)
     else:

@@ -1,14 +1,6 @@
-"""Synthetic chest X-ray studies: parametric phantoms with reports, CheXpert labels, boxes and VQA pairs.
+"""Studies from phantoms: plan who is imaged when, then draw, render and describe each exam.
 
-    from cxrfm.data.synthetic import generate_studies
-    for study, images in generate_studies(num_studies=600, image_size=128, seed=0):
-        images["frontal"]  # uint8 (H, W); also "lateral" and "prior" when study.images lists them
-
-Each study is drawn as ground truth first (synthetic_sampling), then rendered (synthetic_render,
-synthetic_lateral) and described (synthetic_text, synthetic_vqa) from that same truth, so image, report,
-labels, boxes and answers agree. A patient keeps their anatomy across exams; a follow-up exam evolves the
-previous one's findings, and when it carries a prior, prior.png is that previous exam's frontal image,
-byte for byte. The split is per patient. Same seed, same bytes.
+Same seed, same bytes; the split is per patient (see the package docstring for how the parts fit).
 """
 
 from __future__ import annotations
@@ -22,12 +14,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from cxrfm.data.schema import Box, GroundedPhrase, ImageRef, Study
-from cxrfm.data.synthetic_lateral import render_lateral
-from cxrfm.data.synthetic_render import FrontalScene, finding_mask, measure_ctr, render_frontal
-from cxrfm.data.synthetic_sampling import Patient, evolve_truth, sample_patient, sample_truth
-from cxrfm.data.synthetic_text import write_report
-from cxrfm.data.synthetic_truth import Change, Finding, PhantomTruth, diff_findings
-from cxrfm.data.synthetic_vqa import write_vqa
+from cxrfm.data.synthetic.lateral import render_lateral
+from cxrfm.data.synthetic.render import FrontalScene, finding_mask, measure_ctr, render_frontal
+from cxrfm.data.synthetic.sampling import Patient, evolve_truth, sample_patient, sample_truth
+from cxrfm.data.synthetic.text import write_report
+from cxrfm.data.synthetic.truth import Change, Finding, PhantomTruth, diff_findings
+from cxrfm.data.synthetic.vqa import write_vqa
 
 __all__ = [
     "Change",

@@ -4,7 +4,7 @@ Every sentence is written together with the labels it implies, so the labels are
 a labeler would read from the text: a stated finding is 1, a hedged one -1, an explicitly absent one 0,
 and anything not mentioned is left out. Positive finding phrases are returned with the findings they
 refer to; the caller turns those into boxes on the frontal image. Sentences for present findings come
-from synthetic_phrases; negations, interval change, indication and impression are written here.
+from phrases.py; negations, interval change, indication and impression are written here.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import random
 import re
 from dataclasses import dataclass, field
 
-from cxrfm.data.synthetic_phrases import (
+from cxrfm.data.synthetic.phrases import (
     KIND_LABELS,
     NEGATION_LABELS,
     Grounded,
@@ -28,7 +28,7 @@ from cxrfm.data.synthetic_phrases import (
     lesions,
     pneumothorax,
 )
-from cxrfm.data.synthetic_truth import PhantomTruth
+from cxrfm.data.synthetic.truth import PhantomTruth
 
 
 @dataclass

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 
 from cxrfm.data.schema import VQAPair
-from cxrfm.data.synthetic_truth import PhantomTruth
+from cxrfm.data.synthetic.truth import PhantomTruth
 
 # name in a question, with its article for "Is there ...?"
 NAMES = {
