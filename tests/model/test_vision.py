@@ -50,7 +50,7 @@ def test_resnet_model_round_trips_with_its_batchnorm_statistics(tmp_path):
 
 
 def test_planner_refuses_the_cpu_encoder():
-    from cxrfm.plan_model import activation_bytes
+    from cxrfm.plan import activation_bytes
 
     cfg = load_config(None, ["model.vision.kind=resnet", "model.vision.num_layers=1"])
     with pytest.raises(ValueError, match="kind: vit"):

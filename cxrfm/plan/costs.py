@@ -3,7 +3,7 @@
 Model-state bytes per ZeRO stage and offload choice (`model_states`) follow DeepSpeed's estimators;
 activation bytes are counted per saved tensor of the ViT and Llama blocks (`activation_breakdown`)
 and traced on the `meta` device for the diffusion decoder (`diffusion_profile`); `step_flops` is the
-model FLOPs of one micro-batch. `cxrfm.plan` turns these into the per-stage table and recommendation.
+model FLOPs of one micro-batch. planner.py turns these into the per-stage table and recommendation.
 tests/test_plan.py checks them against DeepSpeed and against what autograd really saves.
 """
 
