@@ -5,7 +5,8 @@ One `DecodeLoop` per loaded model in a replica owns one thread that runs one dec
 - new requests are prefilled together (one left-padded forward pass over all that arrived since the last
   step, as `Predictor.generate_batch` lays out a batch) and join the running batch at the next step;
 - every step decodes one token for every running sequence in ONE forward pass over a left-padded batched
-  KV cache (`DynamicCache`), with each row's own RoPE positions and a mask over its padding;
+  KV cache (`DynamicCache`), with each row's own RoPE positions and a mask over its padding; the batch is
+  re-laid only when its membership changes;
 - a sequence that emits EOS, reaches its budget or whose caller went away leaves at once, and its cache
   rows are dropped (the padding of the rest is trimmed);
 - when nothing runs the thread sleeps on the queue: an idle replica starts a request immediately, there is
@@ -38,6 +39,7 @@ class _Sequence:
     tokens: list[int] = field(default_factory=list)
     cache: list[tuple[torch.Tensor, torch.Tensor]] | None = None  # per layer (1, kv heads, length, head dim)
     position: int = 0  # RoPE position of the next token
+    length: int = 0  # positions in its KV cache (prompt + generated tokens fed back)
     prompt: tuple | None = None  # (ids, image stack, present) between admission and prefill
     cancelled: bool = False
 
@@ -53,6 +55,8 @@ class DecodeLoop:
         self.eos, self.pad = predictor.vocab[EOS], predictor.vocab[PAD]
         self.pending: queue.Queue[_Sequence] = queue.Queue()
         self.running: list[_Sequence] = []
+        # The batched KV cache of the last step: its sequences in row order and the padding mask (B, width).
+        self.batch_cache, self.batch_seqs, self.batch_mask = None, [], None
         self.step_sizes: deque[int] = deque(maxlen=10_000)  # sequences per decode step (stats)
         self.on_step = on_step  # callable(sequences in this step), from the loop's thread
         self._lock = threading.Lock()
@@ -97,7 +101,7 @@ class DecodeLoop:
                 except Exception as e:  # noqa: BLE001 - fail the batch, keep the loop for the next requests
                     for seq in self.running:
                         self._fail(seq, e)
-                    self.running = []
+                    self.running, self.batch_seqs = [], []
 
     def _admit(self) -> None:
         new = []
@@ -152,44 +156,57 @@ class DecodeLoop:
         for row, (s, n) in enumerate(zip(seqs, lengths)):
             s.cache = [(layer.keys[row:row + 1, :, width - n:], layer.values[row:row + 1, :, width - n:])
                        for layer in cache.layers]
-            s.position = n
+            s.position = s.length = n
         return out.logits[:, -1].argmax(-1).tolist()
+
+    def _rebuild(self) -> None:
+        """A new batched cache for the running sequences (membership changed): each row left-padded to the
+        longest. Rows come from the old batch (its last `length` positions) or from a fresh prefill."""
+        from transformers import DynamicCache
+
+        seqs, dev = self.running, self.p.device
+        alive = {id(s) for s in seqs}
+        for row, s in enumerate(self.batch_seqs):  # sequences still running keep their rows' data
+            if id(s) in alive and s.cache is None:
+                s.cache = [(k[row:row + 1, :, -s.length:], v[row:row + 1, :, -s.length:])
+                           for k, v in ((lay.keys, lay.values) for lay in self.batch_cache.layers)]
+        longest = max(s.length for s in seqs)
+        cache = DynamicCache()
+        for layer in range(len(seqs[0].cache)):
+            keys, values = [], []
+            for s in seqs:
+                k, v = s.cache[layer]  # (1, Hkv, length, Dh)
+                gap = longest - s.length
+                keys.append(torch.nn.functional.pad(k, (0, 0, gap, 0)) if gap else k)
+                values.append(torch.nn.functional.pad(v, (0, 0, gap, 0)) if gap else v)
+            cache.update(torch.cat(keys), torch.cat(values), layer)  # (B, Hkv, longest, Dh)
+        self.batch_mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=dev)  # (B, longest)
+        for row, s in enumerate(seqs):
+            self.batch_mask[row, longest - s.length:] = 1
+            s.cache = None  # its data lives in the batch now
+        self.batch_cache, self.batch_seqs = cache, list(seqs)
 
     @torch.no_grad()
     def _step(self) -> None:
-        """One token for every running sequence: one forward pass over the left-padded batch."""
-        from transformers import DynamicCache
-
+        """One token for every running sequence: one forward pass over the left-padded batched cache, which
+        is rebuilt only when sequences joined or left since the last step."""
         seqs, p, dev = self.running, self.p, self.p.device
         self.step_sizes.append(len(seqs))
         if self.on_step is not None:
             self.on_step(len(seqs))
-        longest = max(s.cache[0][0].shape[-2] for s in seqs)
-        layers = []
-        for layer in range(len(seqs[0].cache)):
-            keys, values = [], []
-            for s in seqs:
-                k, v = s.cache[layer]  # (1, Hkv, L, Dh)
-                gap = longest - k.shape[-2]
-                keys.append(torch.nn.functional.pad(k, (0, 0, gap, 0)) if gap else k)
-                values.append(torch.nn.functional.pad(v, (0, 0, gap, 0)) if gap else v)
-            layers.append((torch.cat(keys), torch.cat(values)))  # (B, Hkv, longest, Dh)
-        cache = DynamicCache()
-        for i, (k, v) in enumerate(layers):
-            cache.update(k, v, i)
-        mask = torch.zeros(len(seqs), longest + 1, dtype=torch.long, device=dev)  # (B, longest + 1)
-        for row, s in enumerate(seqs):
-            mask[row, longest - s.cache[0][0].shape[-2]:] = 1
+        if [id(s) for s in seqs] != [id(s) for s in self.batch_seqs]:
+            self._rebuild()
+        width = self.batch_mask.shape[1]
+        self.batch_mask = torch.cat([self.batch_mask, self.batch_mask.new_ones(len(seqs), 1)], dim=1)
         last = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # (B, 1)
         out = p.model.language(
-            inputs_embeds=p.model.language.get_input_embeddings()(last), attention_mask=mask,
-            position_ids=torch.tensor([[s.position] for s in seqs], device=dev), past_key_values=cache,
-            cache_position=torch.tensor([longest], device=dev), use_cache=True, logits_to_keep=1)
+            inputs_embeds=p.model.language.get_input_embeddings()(last), attention_mask=self.batch_mask,
+            position_ids=torch.tensor([[s.position] for s in seqs], device=dev), past_key_values=self.batch_cache,
+            cache_position=torch.tensor([width], device=dev), use_cache=True, logits_to_keep=1)
         nxt = out.logits[:, -1].argmax(-1).tolist()  # (B,)
         for row, s in enumerate(seqs):
-            keep = s.cache[0][0].shape[-2] + 1
-            s.cache = [(lay.keys[row:row + 1, :, -keep:], lay.values[row:row + 1, :, -keep:]) for lay in cache.layers]
             s.position += 1
+            s.length += 1
             self._emit(s, nxt[row])
         self._drop_finished()
 
