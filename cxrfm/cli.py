@@ -176,7 +176,7 @@ def cmd_classifier_train(args: argparse.Namespace) -> int:
 
 
 # Command groups that live in their own modules: "module:function(subparsers)".
-COMMAND_GROUPS = ("cxrfm.jobs:add_jobs_parser", "cxrfm.plan.cli:add_parser", "cxrfm.bench:add_bench_parser",
+COMMAND_GROUPS = ("cxrfm.jobs.cli:add_parser", "cxrfm.plan.cli:add_parser", "cxrfm.bench:add_bench_parser",
                   "cxrfm.serving.cli:add_serve_parser", "cxrfm.eval.labeler_score:add_labeler_parser",
                   "cxrfm.registry:add_models_parser")
 

@@ -283,7 +283,7 @@ class TrackingConfig(_Section):
 
 
 # GPU kinds a job can ask for: `cxrfm plan --gpu` takes the same names, and on Kubernetes each maps to
-# the node label GPU feature discovery sets (cxrfm/kube.py GPU_PRODUCTS).
+# the node label GPU feature discovery sets (cxrfm/jobs/manifests.py GPU_PRODUCTS).
 GPU_TYPES = ("h100-80gb", "h200-141gb", "a100-80gb", "a100-40gb", "l4-24gb")
 # The image cluster/Dockerfile builds; its tag is the package version.
 DEFAULT_IMAGE = "ghcr.io/cxrfm/cxrfm:0.1.0"

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrfm import kube
 from cxrfm.config import load_config
-from cxrfm.jobs import add_jobs_parser
+from cxrfm.jobs import manifests
+from cxrfm.jobs.cli import add_parser as add_jobs_parser
 
 REPO = Path(__file__).resolve().parent.parent
 CRDS = REPO / "tests" / "helm" / "crds" / "v1.7.0"  # vendored KubeRay CRDs: see its README.md
@@ -42,13 +42,13 @@ def test_rayjob_manifests_validate(spec):
     path = REPO / "jobs" / spec
     overrides = [] if spec == "eval.yaml" else ["train.max_steps=7"]  # `cxrfm eval` takes no spec
     cfg = load_config(path, overrides)
-    configmap, rayjob, policy = kube.rayjob_manifests(cfg, path, overrides, namespace="ml")
-    assert kube.validate_kuberay(rayjob, CRDS) == []
+    configmap, rayjob, policy = manifests.rayjob_manifests(cfg, path, overrides, namespace="ml")
+    assert manifests.validate_kuberay(rayjob, CRDS) == []
     kubernetes_validate.validate(configmap, "1.30.0", strict=True)
     kubernetes_validate.validate(policy, "1.30.0", strict=True)
     # The job runs the submitted spec from the ConfigMap, with the overrides on the entrypoint.
     assert configmap["data"][spec] == path.read_text()
-    assert rayjob["spec"]["entrypoint"] == kube.entrypoint(cfg, f"/etc/cxrfm/jobs/{spec}", overrides)
+    assert rayjob["spec"]["entrypoint"] == manifests.entrypoint(cfg, f"/etc/cxrfm/jobs/{spec}", overrides)
     assert len(rayjob["metadata"]["name"]) <= 46
     workers = rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]
     assert workers["replicas"] == cfg.job.num_nodes
@@ -76,7 +76,7 @@ def test_pretrain_rayjob_requests_eight_nodes_of_eight_gpus(capsys, monkeypatch,
                             "--dry-run"], capsys)
     assert rc == 0, err
     configmap, rayjob, _ = yaml.safe_load_all(out)
-    assert kube.validate_kuberay(rayjob, CRDS) == []
+    assert manifests.validate_kuberay(rayjob, CRDS) == []
     cluster = rayjob["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
     assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 8
@@ -107,7 +107,7 @@ def test_rayjob_workers_request_the_specs_gpus(spec):
     CPU-only specs ask for no GPU at all."""
     path = REPO / "jobs" / spec
     overrides = [] if spec == "eval.yaml" else ["train.max_steps=7"]
-    _, rayjob, _ = kube.rayjob_manifests(load_config(path, overrides), path, overrides, namespace="ml")
+    _, rayjob, _ = manifests.rayjob_manifests(load_config(path, overrides), path, overrides, namespace="ml")
     job = yaml.safe_load(path.read_text())["job"]
     cluster = rayjob["spec"]["rayClusterSpec"]
     (group,) = cluster["workerGroupSpecs"]
@@ -118,7 +118,7 @@ def test_rayjob_workers_request_the_specs_gpus(spec):
     if job["gpus_per_node"]:
         want["nvidia.com/gpu"] = str(job["gpus_per_node"])
         assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": kube.GPU_PRODUCTS[job["gpu_type"]]}
+        assert pod["nodeSelector"] == {"nvidia.com/gpu.product": manifests.GPU_PRODUCTS[job["gpu_type"]]}
     else:
         assert "tolerations" not in pod and "nodeSelector" not in pod
     assert worker["resources"] == {"requests": want, "limits": want}
@@ -149,22 +149,22 @@ def test_job_resources_do_not_block_local_runs():
 
     cfg = load_config(REPO / "jobs" / "tiny.yaml", ["train.use_gpu=true", "train.precision=bf16"])
     with pytest.raises(ConfigError, match=re.escape("job.gpus_per_node (0) = 0 GPUs, but train.num_workers is 2")):
-        kube.rayjob_manifests(cfg, REPO / "jobs" / "tiny.yaml")
+        manifests.rayjob_manifests(cfg, REPO / "jobs" / "tiny.yaml")
 
 
 def test_gpu_kinds_agree_across_config_kube_and_plan():
     from cxrfm.config import GPU_TYPES
     from cxrfm.plan import GPUS
 
-    assert set(GPU_TYPES) == set(kube.GPU_PRODUCTS) == set(GPUS)
+    assert set(GPU_TYPES) == set(manifests.GPU_PRODUCTS) == set(GPUS)
 
 
 def test_validator_rejects_bad_rayjob():
     path = REPO / "jobs" / "tiny.yaml"
-    _, rayjob, _ = kube.rayjob_manifests(load_config(path), path)
+    _, rayjob, _ = manifests.rayjob_manifests(load_config(path), path)
     rayjob["spec"]["backoffLimit"] = "twice"
     rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParam"] = {}  # typo of rayStartParams
-    errors = kube.validate_kuberay(rayjob, CRDS)
+    errors = manifests.validate_kuberay(rayjob, CRDS)
     assert any("backoffLimit" in e and "integer" in e for e in errors)
     assert any("rayStartParam" in e for e in errors)
 
@@ -199,7 +199,7 @@ def test_bad_spec_and_bad_target_are_one_line(capsys, tmp_path):
 ])
 def test_entrypoint_rules(command, overrides, expected):
     cfg = load_config(None, [f"job.entrypoint={command}"])
-    assert kube.entrypoint(cfg, "jobs/x.yaml", overrides) == expected
+    assert manifests.entrypoint(cfg, "jobs/x.yaml", overrides) == expected
 
 
 def test_entrypoint_that_would_lose_overrides_is_refused():
@@ -207,7 +207,7 @@ def test_entrypoint_that_would_lose_overrides_is_refused():
 
     for command in ("cxrfm eval /export", "python run.py {spec}"):
         with pytest.raises(ConfigError, match="--set would be lost"):
-            kube.entrypoint(load_config(None, [f"job.entrypoint={command}"]), "jobs/x.yaml", ["a=1"])
+            manifests.entrypoint(load_config(None, [f"job.entrypoint={command}"]), "jobs/x.yaml", ["a=1"])
 
 
 def test_missing_kubeconfig_is_one_line(capsys, monkeypatch, tmp_path):
@@ -239,7 +239,7 @@ def test_entrypoint_quotes_every_override(override, capsys, monkeypatch, tmp_pat
     """`#` is not cut, `: ` does not break the YAML, `'` does not escape the quoting, `$` is not expanded:
     the shell gives back exactly the override, through the printed manifest too."""
     cfg = load_config(REPO / "jobs" / "tiny.yaml", [override])
-    command = kube.entrypoint(cfg, "/etc/cxrfm/jobs/tiny.yaml", [override])
+    command = manifests.entrypoint(cfg, "/etc/cxrfm/jobs/tiny.yaml", [override])
     assert shell_words(command) == ["cxrfm", "train", "/etc/cxrfm/jobs/tiny.yaml", "--set", override]
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "absent"))
     rc, out, err = run_cli(["jobs", "submit", str(REPO / "jobs" / "tiny.yaml"), "--to", "kubernetes", "--dry-run",
@@ -253,7 +253,7 @@ def test_submitter_pod_is_restricted_and_gpu_workers_ask_for_gpus():
     """KubeRay's default submitter has no securityContext (PSA "restricted" rejects it), so the RayJob
     brings its own; GPU workers request and limit the same nvidia.com/gpu count (no schema needed)."""
     path = REPO / "jobs" / "pretrain-m4cxr.yaml"
-    _, rayjob, _ = kube.rayjob_manifests(load_config(path), path)
+    _, rayjob, _ = manifests.rayjob_manifests(load_config(path), path)
     submitter = rayjob["spec"]["submitterPodTemplate"]["spec"]
     assert submitter["securityContext"]["runAsNonRoot"] is True
     assert submitter["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -273,7 +273,7 @@ def test_job_network_policy_admits_the_job_and_the_operator_only():
     from tests.helm.test_networkpolicy import Pod, allowed
 
     path = REPO / "jobs" / "tiny.yaml"
-    _, rayjob, policy = kube.rayjob_manifests(load_config(path), path, namespace="ml", name="demo-1")
+    _, rayjob, policy = manifests.rayjob_manifests(load_config(path), path, namespace="ml", name="demo-1")
     labels = rayjob["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["metadata"]["labels"]
     head = Pod("head", "ml", tuple(labels.items()))
     worker = Pod("worker", "ml", tuple(rayjob["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["metadata"]["labels"].items()))

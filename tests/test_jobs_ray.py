@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrfm import jobs as jobs_module
 from cxrfm.jobs import logs_ray, status_ray, stop_ray, submit_ray
+from cxrfm.jobs import ray_jobs as jobs_module
 
 from tests.test_jobs import REPO, run_cli
 
@@ -241,12 +241,12 @@ def test_kuberay_submitter_line_keeps_quoted_overrides(ray_head):
     import json
     import shlex
 
-    from cxrfm import kube
     from cxrfm.config import load_config
+    from cxrfm.jobs import manifests
     from tests.test_jobs import QUOTING_CASES
 
     probe = "python -c \"import json, sys; print('ARGV=' + json.dumps(sys.argv[1:]))\" {overrides}"
-    command = kube.entrypoint(load_config(None, [f"job.entrypoint={probe}"]), "jobs/x.yaml", QUOTING_CASES)
+    command = manifests.entrypoint(load_config(None, [f"job.entrypoint={probe}"]), "jobs/x.yaml", QUOTING_CASES)
     submission = f"rayjob-quoting-{secrets.token_hex(3)}"
     bindir = str(Path(sys.executable).parent)
     line = (f"{shlex.quote(sys.executable)} -m ray.scripts.scripts job submit --address {ray_head} "

@@ -11,7 +11,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from cxrfm.kube import validate_kuberay
+from cxrfm.jobs.manifests import validate_kuberay
 from tests.helm.render import (CHART, CRDS, K8S_VERSION, REPO, TENANT_KEY, TENANTS_YAML, VALUE_SETS, helm, load_chart,
                                pod_specs, render)
 

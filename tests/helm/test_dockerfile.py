@@ -18,8 +18,8 @@ from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 from packaging.version import Version
 
-from cxrfm import kube
 from cxrfm.config import load_config
+from cxrfm.jobs import manifests
 
 REPO = Path(__file__).resolve().parents[2]
 DOCKERFILE = REPO / "cluster" / "Dockerfile"
@@ -156,7 +156,7 @@ def test_versions_agree_with_chart_cluster_specs_and_jobs(docker, pyproject, val
     ray, version = docker.args["RAY_VERSION"], docker.args["CXRFM_VERSION"]
     assert docker.pins()["ray"] == (ray, f"ray[data,train,serve]=={ray}")
     # The Ray version KubeRay is told must be the Ray inside the image.
-    assert kube.RAY_VERSION == ray
+    assert manifests.RAY_VERSION == ray
     assert str(values["rayVersion"]) == ray
     for path in CLUSTER_SPECS:
         clusters = [d for d in yaml.safe_load_all(path.read_text()) if d and d["kind"] == "RayCluster"]
@@ -165,7 +165,7 @@ def test_versions_agree_with_chart_cluster_specs_and_jobs(docker, pyproject, val
     chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
     assert pyproject["project"]["version"] == version == str(chart["appVersion"]) == str(values["image"]["tag"])
     image = f"{values['image']['repository']}:{version}"
-    assert kube.DEFAULT_IMAGE == image
+    assert manifests.DEFAULT_IMAGE == image
     assert f"-t {image} ." in DOCKERFILE.read_text()
     for path in CLUSTER_SPECS:
         named = set(re.findall(r"image:\s*(\S*cxrfm/cxrfm\S*)", path.read_text()))
@@ -234,7 +234,7 @@ def _check_pods(docker: Dockerfile, objs: list[dict], where: str) -> int:
 def test_kube_rayjob_and_cluster_specs_fit_the_image(docker):
     for spec in JOB_SPECS:
         path = REPO / "jobs" / spec
-        objs = kube.rayjob_manifests(load_config(path), path)
+        objs = manifests.rayjob_manifests(load_config(path), path)
         assert _check_pods(docker, objs, spec) == 3  # head, worker and the submitter
     for path in CLUSTER_SPECS:
         objs = [d for d in yaml.safe_load_all(path.read_text()) if d]

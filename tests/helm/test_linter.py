@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from cxrfm import kube
 from cxrfm.config import load_config
+from cxrfm.jobs import manifests as job_manifests
 from tests.helm.render import REPO, VALUE_SETS, load_chart, pod_templates, render
 
 HERE = Path(__file__).resolve().parent
@@ -80,7 +80,7 @@ def manifests() -> dict[str, list[dict]]:
         out[f"cluster-{path.stem}"] = [d for d in yaml.safe_load_all(path.read_text()) if d]
     for spec in ("tiny.yaml", "pretrain-m4cxr.yaml", "finetune.yaml", "eval.yaml"):
         path = REPO / "jobs" / spec
-        out[f"jobs-{path.stem}"] = kube.rayjob_manifests(load_config(path), path, namespace=NAMESPACE,
+        out[f"jobs-{path.stem}"] = job_manifests.rayjob_manifests(load_config(path), path, namespace=NAMESPACE,
                                                           name=f"job-{path.stem}")
     return out
 

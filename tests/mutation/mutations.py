@@ -154,7 +154,7 @@ MUTATIONS: list[Mutation] = [
              "held = dict(self.leases.get(tenant, {}))",
              (f"{TENANTS}::test_concurrency_leases_release_and_expire",), "a lost release locks a tenant out"),
     # ---- cluster manifests
-    Mutation("kube: GPU request dropped from the RayJob workers", "cxrfm/kube.py",
+    Mutation("kube: GPU request dropped from the RayJob workers", "cxrfm/jobs/manifests.py",
              'worker_limits["nvidia.com/gpu"] = str(res["gpus_per_node"])', "pass",
              ("tests/test_jobs.py::test_rayjob_workers_request_the_specs_gpus",),
              "issue 20 silent bug: workers scheduled without GPUs"),
