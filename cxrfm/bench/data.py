@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import tempfile
 import time
@@ -47,6 +48,8 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--step", choices=["model", "none"], default="model", help="what consumes a batch")
     p.add_argument("--prefetch", type=int, default=2, help="Ray Data prefetch_batches / DataLoader prefetch_factor")
+    p.add_argument("--epochs", type=int, default=0, help="epochs per Ray Data execution (0: all the timed steps "
+                   "need, as cxrfm train does; 1: a new execution every epoch)")
     p.add_argument("--loaders", default="ray,ray-read-webdataset,webdataset", help="which loaders to run")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -75,15 +78,17 @@ def _epochs(make: Callable[[], Iterator]) -> Iterator:
 def measure(batches: Iterator, step: Callable, warmup: int, steps: int, batch: int) -> dict:
     for _ in range(warmup):
         step(next(batches))
-    wait = 0.0
+    waits = []
     start = time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
         b = next(batches)
-        wait += time.perf_counter() - t
+        waits.append(time.perf_counter() - t)
         step(b)
     wall = time.perf_counter() - start
-    return {"samples_per_s": steps * batch / wall, "data_wait": wait / wall, "step_ms": 1000 * (wall - wait) / steps}
+    wait = sum(waits)
+    return {"samples_per_s": steps * batch / wall, "data_wait": wait / wall, "step_ms": 1000 * (wall - wait) / steps,
+            "worst_wait_s": max(waits), "wait_in_worst_3": sum(sorted(waits)[-3:]) / max(wait, 1e-9)}
 
 
 def model_step(cfg, vocab: int) -> Callable:
@@ -120,7 +125,9 @@ def ray_batches(cfg, args, vision: int, read_webdataset: bool) -> Iterator:
                                     "weights": tuple(sorted(cfg.data.tasks.items())), "seed": cfg.data.seed},
             batch_size=32, batch_format="numpy", num_cpus=0.25)
     else:
-        ds, _ = build_dataset(cfg, "train", vision, augment=True)
+        entries, _ = shard_entries(cfg, "train")
+        needed = (args.warmup + args.steps) * args.batch / max(1, sum(e["samples"] for e in entries))
+        ds, _ = build_dataset(cfg, "train", vision, augment=True, epochs=args.epochs or max(1, math.ceil(needed)))
     return _epochs(lambda: ds.iter_torch_batches(batch_size=args.batch, prefetch_batches=args.prefetch, drop_last=True))
 
 
@@ -196,7 +203,8 @@ def run(cfg, args, label: str) -> list[dict]:
             raise SystemExit(f"unknown loader {loader!r}; choose from ray, ray-read-webdataset, webdataset")
         rows.append({"source": label, "loader": loader, **result})
         print(f"{label:<8} {loader:<22} {result['samples_per_s']:8.1f} samples/s  data wait {result['data_wait']:6.1%}"
-              f"  step {result['step_ms']:6.0f} ms", flush=True)
+              f"  step {result['step_ms']:6.0f} ms  worst wait {result['worst_wait_s']:.2f} s "
+              f"({result['wait_in_worst_3']:.0%} of the wait in 3 batches)", flush=True)
     return rows
 
 

@@ -160,13 +160,18 @@ def shard_entries(cfg: Config, split: str) -> tuple[list[dict], dict[str, int]]:
             for p in paths], skipped
 
 
-def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool):
-    """A streaming Ray Dataset of fixed-shape examples, and the samples excluded before reading."""
+def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool, epochs: int = 1):
+    """A streaming Ray Dataset of fixed-shape examples, and the samples excluded before reading.
+
+    `epochs`: passes over the shards in one dataset. Ray Data starts a new execution for every iteration, and
+    on a small machine the first batches of a new execution keep the step waiting (about a second per epoch
+    on 2 cores, `cxrfm bench data`); holding several epochs in one execution streams across their boundaries."""
     import ray.data
     from ray.data._internal.random_config import RandomSeedConfig
 
     entries, skipped = shard_entries(cfg, split)  # one source, or several drawn by weight (data/mixture.py)
     spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, num_image_tokens, augment)
+    entries = entries * epochs
     ds = ray.data.from_items(entries, override_num_blocks=len(entries))  # one block per shard
     if augment and cfg.data.shuffle:  # a new shard order every epoch, reproducible from data.seed
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.data.seed, reseed_after_execution=True))

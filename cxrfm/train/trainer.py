@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import threading
 import time
@@ -13,6 +14,7 @@ import yaml
 
 from cxrfm.config import Config, ConfigError, config_from_dict
 
+EPOCHS_PER_PASS_MAX = 100  # a longer run starts a new pass (and Ray Data execution) every 100 epochs
 WORKER_ENV = {"DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
@@ -177,7 +179,11 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
     ensure_shards(cfg.data)
     manifests = [load_manifest(root) for _, _, root in resolve_sources(cfg.data)]  # one, or one per mixed source
     vision = cfg.model.projector.num_tokens
-    dataset, excluded = build_dataset(cfg, "train", vision, augment=True)
+    # All the epochs the run needs in one Ray Data execution (capped): no restart stall at each epoch boundary.
+    train_samples = sum(m["splits"].get("train", {}).get("studies", 0) for m in manifests)
+    needed = cfg.train.max_steps * cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.num_workers
+    epochs = min(EPOCHS_PER_PASS_MAX, max(1, math.ceil(needed / max(1, train_samples))))
+    dataset, excluded = build_dataset(cfg, "train", vision, augment=True, epochs=epochs)
 
     uri = tracking_uri(cfg)
     mlflow.set_tracking_uri(uri)
