@@ -288,7 +288,7 @@ def summary(res: TrainResult) -> str:
         lines.append(f"data wait     {sum(m['data_wait_fraction'] for m in h) / len(h):.1%} of step time")
         steady = h[1:] or h  # the first window holds compilation and warm-up
         lines.append(f"tokens/s      {sum(m.get('tokens_per_s', 0) for m in steady) / len(steady):.0f}; "
-                     f"{sum(m.get('tflops_per_device', 0) for m in steady) / len(steady):.2f} TFLOP/s per device"
+                     f"{sum(m.get('tflops_per_device', 0) for m in steady) / len(steady):.3g} TFLOP/s per device"
                      + (f", MFU {sum(m['mfu'] for m in steady) / len(steady):.1%}" if "mfu" in h[-1] else "")
                      + (f", peak memory {max(m['peak_memory_gib'] for m in h):.1f} GiB" if "peak_memory_gib" in h[-1] else ""))
     skipped = res.metrics.get("skipped", {})
