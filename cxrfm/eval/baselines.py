@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image
 
 from cxrfm.data.schema import Study
+from cxrfm.eval.ground_truth import normalize_answer
 
 RETRIEVAL_SIDE = 32  # pixels per side of the retrieval feature: enough for the heart and the lung fields
 
@@ -34,8 +35,6 @@ def retrieval_feature(image: np.ndarray) -> np.ndarray:
 
 
 def _norm(text: str) -> str:
-    from cxrfm.eval.evaluate import normalize_answer
-
     return normalize_answer(text)
 
 

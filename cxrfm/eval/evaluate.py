@@ -8,60 +8,31 @@ in a run directory (`<run>/export` next to `<run>/run.json`), else as a run of i
 
 from __future__ import annotations
 
-import io
 import json
 import re
-import tarfile
 from collections import defaultdict
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
+from cxrfm.data.samples import report_prompt
 from cxrfm.data.schema import Study
-from cxrfm.data import store
-from cxrfm.data.shards import load_manifest
-from cxrfm.eval.baselines import fit_baselines
-from cxrfm.model.generate import GenerationOptions, Predictor, load_image
+from cxrfm.data.sources.boxes import iou
+from cxrfm.eval.baselines import fit_baselines, pick_random_images
+from cxrfm.eval.clinical import clinical_efficacy
+from cxrfm.eval.ground_truth import iter_split, normalize_answer
+from cxrfm.eval.image_classifier import load_classifier, score_images, targets
+from cxrfm.eval.nlg import nlg_metrics
+from cxrfm.model.generate import GenerationOptions, Predictor
 
 EVAL_TASKS = ("report", "vqa", "grounding", "generate")
 
 
-def iter_split(shards: str | Path, split: str, limit: int | None = None) -> Iterator[tuple[Study, dict[str, np.ndarray]]]:
-    """Studies of one split straight from the tar shards, local or in a store (s3://...); each study once, in order."""
-    n = 0
-    for sh in load_manifest(shards)["shards"]:
-        if sh["split"] != split:
-            continue
-        members: dict[str, dict[str, bytes]] = defaultdict(dict)
-        with tarfile.open(fileobj=io.BytesIO(store.read_bytes(store.join(shards, sh["path"])))) as tar:
-            for m in tar:
-                if m.isfile():
-                    key, _, ext = m.name.partition(".")
-                    members[key][ext] = tar.extractfile(m).read()
-        for key in sorted(members):
-            study = Study.model_validate_json(members[key]["json"])
-            yield study, {ref.role: load_image(members[key][ref.key], f"{sh['path']}:{key}") for ref in study.images}
-            n += 1
-            if limit and n >= limit:
-                return
-
-
-def normalize_answer(text: str) -> str:
-    return re.sub(r"[^a-z0-9. ]+", "", text.lower()).strip(" .")
-
-
-def box_iou(a, b) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def grounding_iou(pred: list, truth: list) -> float:
     """Mean over true boxes of the best IoU with any predicted box (0 when nothing was predicted)."""
-    return float(np.mean([max((box_iou(p, t) for p in pred), default=0.0) for t in truth]))
+    return float(np.mean([max((iou(p, t) for p in pred), default=0.0) for t in truth]))
 
 
 def _batched(items: list, size: int) -> Iterator[list]:
@@ -85,9 +56,6 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
     base = fit_baselines(list(iter_split(shards, "train"))) if baselines else None
 
     if "report" in tasks:
-        from cxrfm.eval.clinical import clinical_efficacy
-        from cxrfm.eval.nlg import nlg_metrics
-
         reqs = [(s, ims) for s, ims in studies if s.report]
         generated = []
         for chunk in _batched(reqs, batch_size):
@@ -149,8 +117,6 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
         if classifier is None:
             raise ValueError("the generate task is scored by a finding classifier: pass --classifier PATH "
                              "(train one with: cxrfm classifier train SHARDS --out PATH) or drop generate from --tasks")
-        from cxrfm.eval.image_classifier import load_classifier, score_images
-
         clf = load_classifier(classifier)
         items = [(s, ims) for s, ims in studies if s.report and "frontal" in ims]
         generated = np.concatenate([predictor.generate_images([s.report for s, _ in chunk], seed=i, steps=image_steps)
@@ -165,9 +131,6 @@ def evaluate(export_dir: str | Path, shards: str | Path, split: str = "test", ta
 
 def _image_baselines(clf, real: np.ndarray, prompt_labels: list[dict]) -> dict[str, float]:
     """Real test images in place of generated ones: random (chance) and random with the prompt's labels."""
-    from cxrfm.eval.baselines import pick_random_images
-    from cxrfm.eval.image_classifier import score_images, targets
-
     vectors = np.stack([targets(lab) for lab in prompt_labels])
     random_idx, same_idx = pick_random_images(vectors)
     out = {f"baseline/random_image/{k}": v for k, v in score_images(clf, real[random_idx], prompt_labels, real).items()}
@@ -180,14 +143,10 @@ def _image_baselines(clf, real: np.ndarray, prompt_labels: list[dict]) -> dict[s
 
 
 def _resize(image: np.ndarray, side: int) -> np.ndarray:
-    from PIL import Image
-
     return np.asarray(Image.fromarray(image).resize((side, side), Image.BILINEAR))
 
 
 def _report_prompt(study: Study) -> str:
-    from cxrfm.data.samples import report_prompt
-
     return report_prompt(study.indication, study.image("prior") is not None)
 
 
@@ -248,7 +207,7 @@ def format_comparison(metrics: dict[str, float]) -> str:
 
 def log_to_mlflow(metrics: dict[str, float], export_dir: str | Path, split: str) -> str:
     """Child run of the training run when we can find it; returns the run id."""
-    import mlflow
+    import mlflow  # here, not at the top: `cxrfm eval --no-mlflow` and the scorers' importers never load it
 
     export_dir = Path(export_dir).resolve()
     state_file = export_dir.parent / "run.json"

@@ -18,6 +18,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cxrfm.data.schema import CHEXPERT_LABELS
+from cxrfm.eval.ground_truth import iter_split
 
 # Observations a generated phantom can show (the rest are rare or not drawn).
 SCORED = ("Cardiomegaly", "Pleural Effusion", "Pneumothorax", "Consolidation", "Lung Lesion", "Edema",
@@ -52,8 +53,6 @@ def targets(labels: dict[str, int]) -> np.ndarray:
 
 def train_classifier(shards: str | Path, out: str | Path, epochs: int = 8, image_size: int = 64, seed: int = 0,
                      log=print) -> Path:
-    from cxrfm.eval.evaluate import iter_split
-
     torch.manual_seed(seed)
     data = [(ims["frontal"], targets(s.labels)) for s, ims in iter_split(shards, "train") if "frontal" in ims]
     if len(data) < 16:

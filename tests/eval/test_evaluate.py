@@ -13,7 +13,9 @@ from mlflow.tracking import MlflowClient
 from cxrfm.config import load_config
 from cxrfm.data.schema import Box, GroundedPhrase, ImageRef, Study, VQAPair
 from cxrfm.data.shards import write_shards
-from cxrfm.eval.evaluate import box_iou, evaluate, grounding_iou, iter_split, log_to_mlflow, normalize_answer
+from cxrfm.data.sources.boxes import iou as box_iou
+from cxrfm.eval.evaluate import evaluate, grounding_iou, log_to_mlflow
+from cxrfm.eval.ground_truth import iter_split, normalize_answer
 from cxrfm.eval.image_classifier import train_classifier
 from cxrfm.model.build import build_model
 from cxrfm.text.tokenizer import load_tokenizer

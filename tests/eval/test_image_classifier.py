@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from cxrfm.eval.evaluate import iter_split
+from cxrfm.eval.ground_truth import iter_split
 from cxrfm.eval.image_classifier import SCORED, auroc, frechet_distance, load_classifier, score_images, train_classifier
 
 

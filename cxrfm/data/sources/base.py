@@ -129,8 +129,19 @@ class Converter:
         raise NotImplementedError(f"{type(self).__name__} must implement scan(root, report)")
 
     def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
-        # The interface every converter implements (pixels for one record).
-        raise NotImplementedError(f"{type(self).__name__} must implement load(record, report)")
+        """Pixels for one record. This default serves converters whose scan() puts {role: (path, view)} in
+        payload["views"]: it reads those images and fills the Study with study_fields(payload)."""
+        p = record.payload
+        if not isinstance(p, dict) or "views" not in p:
+            raise NotImplementedError(f"{type(self).__name__} must implement load(record, report): its records "
+                                      "carry no payload['views'] for the default one")
+        return self.assemble(record, report, {role: tuple(pv) for role, pv in p["views"].items()},
+                             **self.study_fields(p))
+
+    def study_fields(self, payload: dict[str, Any]) -> dict[str, Any]:
+        """The Study's fields from a record's payload, for the default load(): report sections and labels as
+        the radiology-report corpora store them; converters with other fields override this."""
+        return {"labels": payload["labels"], "source_labels": payload["source_labels"], **payload["sections"]}
 
     def load_batch(self, records: list[StudyRecord], report: BuildReport) -> Iterator[tuple[Study, dict[str, np.ndarray]]]:
         """Studies of one shard; override when loading several at once is cheaper (synthetic phantoms)."""

@@ -23,10 +23,9 @@ not part of these releases). Patients are CheXpert's own patient folders, disjoi
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from cxrfm.data.schema import CHEXPERT_LABELS, Study
+from cxrfm.data.schema import CHEXPERT_LABELS
 from cxrfm.data.sources.base import (BuildReport, StudyRecord, choose_views, normalize_view, read_table, safe_key)
 from cxrfm.data.sources.base import Converter as BaseConverter
 from cxrfm.data.sources.chexpert_plus import map_to_chexpert_many, study_key
@@ -114,8 +113,6 @@ class Converter(BaseConverter):
                 "views": {role: list(pv) for role, pv in views.items()}, "labels": labels}))
         return records
 
-    def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
-        p = record.payload
-        return self.assemble(record, report, {role: tuple(pv) for role, pv in p["views"].items()},
-                             labels=p["labels"], vqa=label_questions(p["labels"]),
-                             source_labels={k: str(v) for k, v in p["labels"].items()})
+    def study_fields(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"labels": payload["labels"], "vqa": label_questions(payload["labels"]),
+                "source_labels": {k: str(v) for k, v in payload["labels"].items()}}

@@ -22,9 +22,7 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
-
-from cxrfm.data.schema import CHEXPERT_LABELS, Study
+from cxrfm.data.schema import CHEXPERT_LABELS
 from cxrfm.data.sources.base import (BuildReport, StudyRecord, choose_views, first_present, link_prior_views,
                                      map_to_chexpert, normalize_view, parse_report_sections, read_table)
 from cxrfm.data.sources.base import Converter as BaseConverter
@@ -148,11 +146,6 @@ class Converter(BaseConverter):
                 "order": int(float(order)) if order else None}))
         link_prior_views(records, report, key=lambda r: r.payload["order"])
         return records
-
-    def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
-        p = record.payload
-        return self.assemble(record, report, {role: tuple(pv) for role, pv in p["views"].items()},
-                             labels=p["labels"], source_labels=p["source_labels"], **p["sections"])
 
 
 def map_to_chexpert_many(values: dict[str, list]) -> dict[str, int]:

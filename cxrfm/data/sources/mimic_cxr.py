@@ -18,9 +18,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-
-from cxrfm.data.schema import CHEXPERT_LABELS, Study
+from cxrfm.data.schema import CHEXPERT_LABELS
 from cxrfm.data.sources.base import (BuildReport, StudyRecord, choose_views, find_file, link_priors,
                                      map_to_chexpert, normalize_view, parse_report_sections, patient_split,
                                      read_table)
@@ -138,8 +136,4 @@ class Converter(BaseConverter):
         report.note("studies_with_prior_image", sum("prior" in r.payload["views"] for r in records))
         return records
 
-    def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
-        p = record.payload
-        return self.assemble(record, report, {role: tuple(pv) for role, pv in p["views"].items()},
-                             labels=p["labels"], source_labels=p["source_labels"], **p["sections"])
 

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import ast
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from cxrfm.data.schema import Study
 from cxrfm.data.sources.base import (BuildReport, StudyRecord, choose_views, link_prior_views, map_to_chexpert,
                                      patient_split, read_table, safe_key)
 from cxrfm.data.sources.base import Converter as BaseConverter
@@ -146,7 +144,5 @@ class Converter(BaseConverter):
         link_prior_views(records, report)
         return records
 
-    def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
-        p = record.payload
-        return self.assemble(record, report, {role: tuple(pv) for role, pv in p["views"].items()},
-                             findings=p["findings"], labels=p["labels"], source_labels=p["source_labels"])
+    def study_fields(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"findings": payload["findings"], "labels": payload["labels"], "source_labels": payload["source_labels"]}

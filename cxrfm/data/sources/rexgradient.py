@@ -18,10 +18,8 @@ from __future__ import annotations
 import ast
 import json
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from cxrfm.data.schema import Study
 from cxrfm.data.sources.base import (BuildReport, StudyRecord, choose_views, first_present, link_prior_views,
                                      normalize_view, read_table, safe_key)
 from cxrfm.data.sources.base import Converter as BaseConverter
@@ -131,7 +129,5 @@ class Converter(BaseConverter):
         link_prior_views(records, report)
         return records
 
-    def load(self, record: StudyRecord, report: BuildReport) -> tuple[Study, dict[str, np.ndarray]] | None:
-        p = record.payload
-        return self.assemble(record, report, {role: tuple(pv) for role, pv in p["views"].items()},
-                             source_labels=p["source_labels"], **p["sections"])
+    def study_fields(self, payload: dict[str, Any]) -> dict[str, Any]:
+        return {"source_labels": payload["source_labels"], **payload["sections"]}

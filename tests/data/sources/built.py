@@ -11,7 +11,7 @@ from cxrfm.config import DataConfig
 from cxrfm.data.build import build_from_source
 from cxrfm.data.schema import Study
 from cxrfm.data.shards import verify_shards
-from cxrfm.eval.evaluate import iter_split
+from cxrfm.eval.ground_truth import iter_split
 
 
 def build(source: str, root: Path, out: Path, **overrides) -> tuple[dict, dict[str, tuple[Study, dict[str, np.ndarray]]], dict]:
