@@ -174,33 +174,50 @@ def webdataset_batches(cfg, args, vision: int) -> Iterator:
     return _epochs(lambda: iter(loader))
 
 
-def run(cfg, args, label: str) -> list[dict]:
+def _measure_loader(cfg_tree: dict, args: argparse.Namespace, loader: str, results) -> None:
+    """One loader, measured in a fresh process: no thread, actor or cache left by the loader before it can
+    slow this one's step (in one process each later loader's step got slower)."""
     import ray
     import ray.data
 
-    from cxrfm.text.tokenizer import load_tokenizer
+    from cxrfm.config import config_from_dict
     from cxrfm.data import store
+    from cxrfm.text.tokenizer import load_tokenizer
 
+    cfg = config_from_dict(cfg_tree)
     vision = cfg.model.projector.num_tokens
     tok = load_tokenizer(store.join(cfg.data.shards, "tokenizer"))
     step = model_step(cfg, len(tok)) if args.step == "model" else (lambda b: None)
+    if loader.startswith("ray"):
+        ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)  # a table, not per-second progress lines
+        batches = ray_batches(cfg, args, vision, read_webdataset=loader == "ray-read-webdataset")
+        try:
+            results.put(measure(batches, step, args.warmup, args.steps, args.batch))
+        finally:
+            batches.close()  # ends the streaming execution before Ray goes
+            ray.shutdown()
+    else:
+        results.put(measure(webdataset_batches(cfg, args, vision), step, args.warmup, args.steps, args.batch))
+
+
+def run(cfg, args, label: str) -> list[dict]:
+    import multiprocessing
+
     rows = []
+    ctx = multiprocessing.get_context("spawn")
     for loader in args.loaders.split(","):
-        if loader.startswith("ray"):
-            ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False,
-                     runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
-            ray.data.DataContext.get_current().enable_progress_bars = False
-            logging.getLogger("ray.data").setLevel(logging.WARNING)  # a table, not per-second progress lines
-            batches = ray_batches(cfg, args, vision, read_webdataset=loader == "ray-read-webdataset")
-            try:
-                result = measure(batches, step, args.warmup, args.steps, args.batch)
-            finally:
-                batches.close()  # ends the streaming execution before Ray goes
-                ray.shutdown()
-        elif loader == "webdataset":
-            result = measure(webdataset_batches(cfg, args, vision), step, args.warmup, args.steps, args.batch)
-        else:
+        if loader not in ("ray", "ray-read-webdataset", "webdataset"):
             raise SystemExit(f"unknown loader {loader!r}; choose from ray, ray-read-webdataset, webdataset")
+        results = ctx.Queue()
+        proc = ctx.Process(target=_measure_loader, args=(cfg.dump(), args, loader, results))
+        proc.start()
+        proc.join()
+        if proc.exitcode != 0:
+            raise SystemExit(f"bench data: the {loader} loader failed (exit {proc.exitcode}); its error is above")
+        result = results.get()
         rows.append({"source": label, "loader": loader, **result})
         print(f"{label:<8} {loader:<22} {result['samples_per_s']:8.1f} samples/s  data wait {result['data_wait']:6.1%}"
               f"  step {result['step_ms']:6.0f} ms  worst wait {result['worst_wait_s']:.2f} s "
