@@ -3,7 +3,9 @@
 Each entry of `tests/mutation/mutations.py` is one small, realistic bug: an exact snippet of a source
 file, its replacement, and the test node ids that must catch it. `run.py` copies the repository to a
 scratch directory (without .git, .venv, runs, mlruns), checks that the copy's code is what the tests
-import (the package is installed editable from the original checkout), then for each mutation:
+import (the package is installed editable from the original checkout), runs every named test once
+unmutated (a test that already fails would otherwise "catch" everything; its mutations are reported as
+`error`), then for each mutation:
 
   - replaces the snippet in the copy; a snippet that does not occur exactly once is reported `stale`
     (the code moved on: update the entry);
@@ -16,7 +18,7 @@ The first mutation is the canary: if it survives, the tests did not import the c
     python -m tests.mutation.run               # every mutation, a table and the score
     python -m tests.mutation.run --list        # names and target files only
     python -m tests.mutation.run --only zero   # mutations whose name contains "zero"
-    python -m tests.mutation.run --baseline    # also run each entry's tests unmutated (they must pass)
+    python -m tests.mutation.run --no-baseline # skip the first, unmutated run of every named test
 
 The files here are not named test_*, so pytest does not collect them.
 """
