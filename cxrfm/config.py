@@ -7,8 +7,8 @@ Unknown keys and bad values fail here, before any work starts, naming the key an
 
 from __future__ import annotations
 
+import argparse
 import math
-import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -347,13 +347,21 @@ class Config(_Section):
         m = self.model
         if self.data.tasks.get("generate", 0) > 0 and not m.diffusion.enabled:
             raise ValueError("data.tasks has 'generate' but model.diffusion.enabled is false; enable the decoder or drop the task")
-        interpret = "1" in (os.environ.get("TRITON_INTERPRET"), self.train.worker_env.get("TRITON_INTERPRET"))
-        if (m.fused_rmsnorm or m.fused_cross_entropy) and not self.train.use_gpu and not interpret:
+        if (m.fused_rmsnorm or m.fused_cross_entropy) and not self.train.use_gpu and not self._triton_interpreter():
             raise ValueError("model.fused_rmsnorm / model.fused_cross_entropy are Triton GPU kernels: set train.use_gpu=true, "
                              "or set them to false on CPU")
         if self.train.precision == "fp16" and not self.train.use_gpu:
             raise ValueError("train.precision=fp16 needs a GPU (train.use_gpu=true); use fp32 or bf16 on CPU")
         return self
+
+    def _triton_interpreter(self) -> bool:
+        """Triton kernels run on the CPU here or in the workers (TRITON_INTERPRET=1 in this process or in
+        train.worker_env)."""
+        # Imported here: cxrfm.attention loads torch, which the config (read by every command) does not
+        # need unless fused kernels are asked for on the CPU.
+        from cxrfm.attention import triton_interpreter
+
+        return triton_interpreter() or self.train.worker_env.get("TRITON_INTERPRET") == "1"
 
     def job_resources(self) -> dict[str, Any]:
         """The resources one worker pod (one node) asks for: image, nodes, GPUs (count and kind), CPUs
@@ -448,6 +456,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return with_overrides(tree, overrides)
     except ConfigError as err:
         raise ConfigError(f"{path}: {err}") from None
+
+
+def add_config_args(p: argparse.ArgumentParser) -> None:
+    """The job YAML and --set overrides, as every command that reads a config takes them."""
+    p.add_argument("config", nargs="?", default=None, help="job YAML (default: jobs/tiny.yaml)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set train.max_steps=100 (repeatable)")
 
 
 def with_overrides(tree: dict[str, Any], overrides: list[str] | None) -> Config:

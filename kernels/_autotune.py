@@ -4,9 +4,13 @@ import os
 
 import triton
 
-# TRITON_INTERPRET must be set before triton is imported (tests/kernels/conftest.py does it on CPU-only
-# machines); we read it once here so every kernel module agrees on it.
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# The one reader of TRITON_INTERPRET is cxrfm.attention.triton_interpreter(); it imports no kernel at its
+# top (only inside the functions that run one), so importing it here makes no cycle. The variable must be
+# set before triton is imported (tests/kernels/conftest.py does it on CPU-only machines) and Triton fixes
+# it when the kernels are decorated, so it is taken once here and every kernel module agrees on it.
+from cxrfm.attention import triton_interpreter
+
+INTERPRET = triton_interpreter()
 
 
 def configs(gpu_configs, interpret_config, fp32_config=None):

@@ -9,11 +9,11 @@ measures the model's step, not DeepSpeed's communication (that is `cxrfm plan`'s
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch
 
+from cxrfm.attention import triton_interpreter
 from cxrfm.model.runtime import gpu_peak_tflops
 from cxrfm.model.summary import train_flops
 from cxrfm.config import load_config
@@ -117,7 +117,7 @@ def run_train_bench(args: argparse.Namespace) -> str:
     baseline = None
     for backend in args.backends.split(","):
         for fused in (False, True):
-            if fused and not (cuda or os.environ.get("TRITON_INTERPRET") == "1"):
+            if fused and not (cuda or triton_interpreter()):
                 continue
             r = _run_variant(base, backend, fused, args, device)
             if "skipped" in r:
