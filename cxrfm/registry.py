@@ -156,7 +156,7 @@ def _cmd(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_models_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("models", help="registered model versions in MLflow: list, promote, roll back")
     sub = p.add_subparsers(dest="models_cmd", required=True)
     ls = sub.add_parser("list", help="versions with their aliases and evaluation metrics")

@@ -99,7 +99,7 @@ class ModelCatalog:
         return self._client().get_model_version_download_uri(name, version)
 
     def load(self, model_id: str, version: str | None = None):
-        from cxrfm.model.generate import Predictor
+        from cxrfm.model.generate import Predictor  # transformers: only in the processes that load models
 
         # Decided here, in the replica: device, dtype, attention; refuses weights that cannot fit.
         return Predictor(self.resolve(model_id, version), device=self.device, dtype=self.dtype,

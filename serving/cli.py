@@ -1,8 +1,7 @@
 """`cxrfm serve CONFIG`: run the serving application locally with `serve run` on the same YAML that
 `serve deploy` and the Helm chart's RayService take; `cxrfm tenants ...`: manage tenants and API keys.
 
-Wire into cxrfm/cli.py with "cxrfm.serving.cli:add_serve_parser" in COMMAND_GROUPS (it registers both
-`serve` and `tenants`).
+`add_parser` registers both `serve` and `tenants` (cxrfm/cli.py lists this module among its groups).
 
 Before handing the file to `serve run`, relative paths in our application's args are made absolute
 (Ray workers run in another working directory), a model glob is pinned to its newest match (so every
@@ -21,8 +20,9 @@ from pathlib import Path
 
 import yaml
 
-from cxrfm.config import ConfigError
+from cxrfm.config import ConfigError, load_config
 
+from .proxy import CALLBACK, ENV
 from .tenants import add_tenants_parser
 
 IMPORT_PATH = "cxrfm.serving.app:build_app"
@@ -34,7 +34,7 @@ def build_untrained_export(out: str | Path, overrides: list[str] | None = None) 
     path is exercised end to end; the answers are noise."""
     import torch
 
-    from cxrfm.config import load_config
+    # Here, not at the top: they load transformers, which `cxrfm --help` and `cxrfm serve` do not need.
     from cxrfm.model.build import build_model
     from cxrfm.text.tokenizer import train_tokenizer
 
@@ -114,7 +114,7 @@ def check_config(config: dict) -> None:
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
-    from .app import AppArgs
+    from .app import AppArgs  # Ray Serve and the model: loaded only when a config is checked
 
     try:
         ServeDeploySchema.model_validate(config)
@@ -130,7 +130,7 @@ def check_config(config: dict) -> None:
 def _check_gpus(app: dict, args) -> None:
     """device: cuda needs every model deployment to ask Ray for a GPU. A config's ray_actor_options replace
     the default (num_gpus: 1) as a whole, so one without num_gpus would start replicas that see no GPU."""
-    from .deployments import DEPLOYMENT_NAMES
+    from .deployments import DEPLOYMENT_NAMES  # Ray Serve (see check_config)
 
     if not args.device.startswith("cuda"):
         return
@@ -167,8 +167,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # or /tmp/ray/ray_current_cluster names. Ray starts here, not inside `serve run`, so that SIGTERM
         # (kill, docker stop, systemd) can be turned into the Ctrl-C that `serve run` answers by shutting
         # Serve down: Ray's own SIGTERM handler would abort the process instead.
-        from .proxy import CALLBACK, ENV
-
         os.environ.setdefault(ENV, CALLBACK)  # Ray nodes started here inherit it: request ids are sanitised
         ray.init(address=args.address, namespace=SERVE_NAMESPACE)
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
@@ -182,7 +180,7 @@ def _stop_on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def add_serve_parser(subparsers) -> argparse.ArgumentParser:
+def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("serve", help="run the Ray Serve application locally (serve run on a Serve config YAML)")
     p.add_argument("config", help="Serve config YAML, e.g. serving/tiny.yaml (the file serve deploy takes)")
     p.add_argument("--model", action="append", default=[], metavar="ID=PATH",

@@ -57,7 +57,7 @@ def _make_fn(backend, q, k, v, causal):
     Each backend gets its preferred layout, made here, outside the timed region.
     """
     if backend == "triton":
-        from cxrfm.kernels import flash_attn_func
+        from cxrfm.kernels import flash_attn_func  # here: main() sets TRITON_INTERPRET before triton loads
 
         return (lambda: flash_attn_func(q, k, v, causal=causal)), [q, k, v]
     if backend == "sdpa":
@@ -95,7 +95,7 @@ def _time_ms(backend, q, k, v, causal, mode, warmup, rep):
 
 def _check_vs_sdpa(q, k, v, causal, grads: bool) -> float:
     """Largest relative error of our output (and dq, dk, dv) against SDPA's, both in bf16, on these inputs."""
-    from cxrfm.kernels import flash_attn_func
+    from cxrfm.kernels import flash_attn_func  # here: main() sets TRITON_INTERPRET before triton loads
 
     sdpa, sdpa_in = _make_fn("sdpa", q, k, v, causal)
     ours, ref = flash_attn_func(q, k, v, causal=causal), sdpa().transpose(1, 2)
@@ -111,7 +111,7 @@ def _check_vs_sdpa(q, k, v, causal, grads: bool) -> float:
 
 def _cpu_check() -> str:
     """Small correctness check without a GPU: ours (interpreter) vs. SDPA in fp32, forward and backward."""
-    from cxrfm.kernels import INTERPRET, flash_attn_func
+    from cxrfm.kernels import INTERPRET, flash_attn_func  # here: main() sets TRITON_INTERPRET first
 
     if not INTERPRET:
         return ("No CUDA GPU: timings are not meaningful on CPU, and the Triton kernels need a GPU or "

@@ -51,6 +51,7 @@ def _measure(fn, h, w, y, reps):
 
 
 def run_loss_memory_bench(args: argparse.Namespace) -> str:
+    # Here: TRITON_INTERPRET is set in main() before triton is first imported.
     from cxrfm.kernels import fused_linear_cross_entropy, linear_cross_entropy_reference
 
     if not torch.cuda.is_available():

@@ -26,6 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from cxrfm.serving.cli import build_untrained_export
+from cxrfm.serving.tenants import Tenant, add_tenant
+
 APP = "cxrfm-bench"
 
 
@@ -102,7 +105,7 @@ def _body(max_new_tokens: int) -> dict:
 def _deploy(args, export: str, store: str, autoscaling: dict | None) -> None:
     from ray import serve
 
-    from cxrfm.serving.app import build_app
+    from cxrfm.serving.app import build_app  # Ray Serve, like the other ray imports here: only when run
 
     actor = {"num_cpus": args.replica_cpus, **({"num_gpus": args.replica_gpus} if args.replica_gpus else {})}
     report = {"ray_actor_options": actor, "max_ongoing_requests": 64, "max_queued_requests": 512,
@@ -207,8 +210,6 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from cxrfm.serving.cli import build_untrained_export
-    from cxrfm.serving.tenants import Tenant, add_tenant
 
     work = Path(tempfile.mkdtemp(prefix="cxrfm-bench-serve-"))
     export = args.export or str(build_untrained_export(Path(tempfile.gettempdir()) / "cxrfm-bench-serve-export"))

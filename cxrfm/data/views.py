@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
+from cxrfm.data.synthetic import generate_phantoms
+
 SIDE = 64
 THRESHOLD = 0.05  # midway between the lowest frontal (0.31) and highest lateral (-0.22) score on phantoms
 UNSURE_MARGIN = 0.15
@@ -40,8 +42,6 @@ def classify_view(image: np.ndarray) -> tuple[str, float, bool]:
 
 def phantom_view_accuracy(num_studies: int = 400, image_size: int = 128, seed: int = 2024) -> dict:
     """Accuracy of classify_view on synthetic phantoms (seeds other than the ones THRESHOLD was read from)."""
-    from cxrfm.data.synthetic import generate_phantoms
-
     right = {"frontal": 0, "lateral": 0}
     total = {"frontal": 0, "lateral": 0}
     unsure = 0

@@ -1,4 +1,4 @@
-"""`cxrfm labeler score CSV`: the rule labeler against a user's own labeled reports.
+"""The rule labeler scored against a user's own labeled reports (`cxrfm labeler score CSV`; the command: cli.py).
 
 The CSV has one row per report: a report text column and the 14 CheXpert label columns, each 1
 (positive), 0 (negative), -1 (uncertain) or blank (not mentioned), the way CheXpert's labeler writes its
@@ -11,11 +11,8 @@ its labeler, one F1 per kind of mention:
 
 from __future__ import annotations
 
-import argparse
 import csv
-import json
 import math
-import sys
 from pathlib import Path
 
 from cxrfm.data.schema import CHEXPERT_LABELS
@@ -117,30 +114,3 @@ def format_score(result: dict) -> str:
     lines.append(f"{'micro (positive, 14 labels)':28s} {num(m['precision'])} {num(m['recall'])} {num(m['f1'])} "
                  f"{m['support']:5d}")
     return "\n".join(lines)
-
-
-def cmd_labeler_score(args: argparse.Namespace) -> int:
-    from cxrfm.eval.labeler import label_report
-
-    try:
-        texts, truth = read_labeled_reports(args.csv, args.text_column)
-    except ScoreInputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    result = score([label_report(t) for t in texts], truth)
-    print(format_score(result))
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
-    return 0
-
-
-def add_labeler_parser(sub) -> None:
-    """`cxrfm labeler score CSV` (registered through cxrfm.cli.COMMAND_GROUPS)."""
-    labeler = sub.add_parser("labeler", help="the rule-based CheXpert-style report labeler")
-    p = labeler.add_subparsers(dest="labeler_cmd", required=True).add_parser(
-        "score", help="score the labeler against your labeled reports (CSV: report text + the 14 CheXpert columns)")
-    p.add_argument("csv", help="one row per report: a report text column and the 14 CheXpert label columns "
-                               "(1 / 0 / -1 / blank)")
-    p.add_argument("--text-column", help=f"the report text column (default: the first of {list(TEXT_COLUMNS)})")
-    p.add_argument("--json", help="also write the scores to this JSON file")
-    p.set_defaults(func=cmd_labeler_score)

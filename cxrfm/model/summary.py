@@ -14,7 +14,7 @@ def count_parameters(model: nn.Module) -> dict[str, int]:
 
 
 def summarize(cfg: Config, vocab_size: int | None = None) -> dict[str, int]:
-    from cxrfm.model.build import build_model
+    from cxrfm.model.build import build_model  # here: summary stays light (see cxrfm/model/__init__.py)
 
     return count_parameters(build_model(cfg, vocab_size, device="meta"))
 

@@ -13,7 +13,7 @@ import functools
 import math
 from dataclasses import dataclass
 
-from cxrfm.config import Config
+from cxrfm.config import Config, DiffusionConfig
 
 GiB = 2**30
 
@@ -93,7 +93,7 @@ def model_shape(cfg: Config, model=None) -> ModelShape:
     import torch
 
     if model is None:
-        from cxrfm.model.build import build_model
+        from cxrfm.model.build import build_model  # transformers: `cxrfm --help` imports this module
 
         model = build_model(cfg, device=torch.device("meta"))
     unique = {id(p): p for p in model.parameters()}
@@ -231,8 +231,7 @@ def _diffusion_profile(diffusion_json: str, cond_dim: int, image_size: int, prec
     import torch.nn.functional as F
     from torch.utils.flop_counter import FlopCounterMode
 
-    from cxrfm.config import DiffusionConfig
-    from cxrfm.model.diffusion import DiffusionDecoder
+    from cxrfm.model.diffusion import DiffusionDecoder  # diffusers (see model_shape)
 
     dcfg = DiffusionConfig.model_validate_json(diffusion_json)
     with torch.device("meta"):
@@ -270,7 +269,7 @@ def activation_breakdown(cfg: Config, micro_batch: int, checkpointing: bool, ima
     input, plus one block's full activations while backward recomputes it (`*_recompute`). The
     diffusion decoder is traced instead (`diffusion_profile`); checkpointing does not cover it.
     tests/test_plan.py checks these counts against the tensors autograd really saves."""
-    from cxrfm.data.samples import LM_TASKS
+    from cxrfm.data.samples import LM_TASKS  # both load transformers (see model_shape)
     from cxrfm.model.build import default_vocab_size
 
     _needs_vit(cfg)

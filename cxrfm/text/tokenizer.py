@@ -14,6 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from cxrfm.data import store
+
 NUM_LOC_BINS = 1024
 PAD, BOS, EOS, UNK = "<pad>", "<bos>", "<eos>", "<unk>"
 IMAGE = "<image>"
@@ -51,8 +53,6 @@ def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     """From a local directory, or a store URI (s3://.../tokenizer) copied to a local cache first."""
-    from cxrfm.data import store
-
     path = store.local_dir(str(path)) if store.is_remote(path) else Path(path)
     if not (path / "tokenizer.json").is_file():
         raise FileNotFoundError(f"no tokenizer at {path} (expected tokenizer.json); build shards first: cxrfm data build")

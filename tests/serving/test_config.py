@@ -10,7 +10,8 @@ import yaml
 
 from cxrfm.config import ConfigError
 from cxrfm.serving.app import AppArgs, Ingress, build_app
-from cxrfm.serving.cli import add_serve_parser, check_config, resolve_config
+from cxrfm.serving.cli import add_parser as add_serve_parser
+from cxrfm.serving.cli import check_config, resolve_config
 from cxrfm.serving.deployments import DEPLOYMENT_NAMES, ModelCatalog, TenantLimiter, task_deployment
 from cxrfm.serving.tenants import Tenant, add_tenant
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from cxrfm.data.images import ImageDecodeError, read_image
 from cxrfm.data.schema import CHEXPERT_LABELS, ImageRef, Study
+from cxrfm.data.views import classify_view
 
 __all__ = [
     "BuildReport", "Converter", "ImageDecodeError", "StudyRecord", "link_priors", "map_to_chexpert",
@@ -120,7 +121,7 @@ class Converter:
     layouts: tuple[str, ...] = ()  # the download layouts scan() accepts, in words (errors and the README list them)
 
     def __init__(self, cfg=None) -> None:
-        from cxrfm.config import DataConfig
+        from cxrfm.config import DataConfig  # here: cxrfm.config imports this package (source names)
 
         self.cfg = cfg if cfg is not None else DataConfig()
 
@@ -180,8 +181,6 @@ class Converter:
                       view: str | None = None) -> tuple[np.ndarray, ImageRef] | None:
         """A single-image study whose view the corpus may not state: `view` when given, else read from the
         pixels (cxrfm.data.views; frontal stored as PA), flagged "view_from_pixels_unsure" near the threshold."""
-        from cxrfm.data.views import classify_view
-
         img = self.read(path, record.study_id, report)
         if img is None:
             return None
