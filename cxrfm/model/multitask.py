@@ -154,6 +154,6 @@ class MultitaskModel(nn.Module):
     def from_pretrained(cls, path: str | Path, device: str = "auto", dtype: str | torch.dtype | None = "auto",
                         attention: str | None = None) -> "MultitaskModel":
         """transformers-style loading; the same as `cxrfm.model.build.load_export` (the one entry point)."""
-        from cxrfm.model.build import load_export
+        from cxrfm.model.build import load_export  # here: build.py imports this module
 
         return load_export(path, device=device, dtype=dtype, attention=attention)
