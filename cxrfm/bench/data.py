@@ -152,9 +152,16 @@ def _open_with_fsspec(url: str, mode: str = "rb", bufsize: int = 8192, **_) -> o
     return fsspec.open(url, mode).open()
 
 
-def webdataset_batches(cfg, args, vision: int) -> Iterator:
+def _register_store_schemes(_worker: int | None = None) -> None:
+    """webdataset opens URLs through its own dispatch table: object stores go through fsspec (also in every
+    DataLoader worker, which may not inherit the table)."""
     import importlib
 
+    for scheme in ("s3", "gs", "gcs", "az", "abfs"):
+        importlib.import_module("webdataset.gopen").gopen_schemes.setdefault(scheme, _open_with_fsspec)
+
+
+def webdataset_batches(cfg, args, vision: int) -> Iterator:
     import torch
     import webdataset as wds
 
@@ -163,13 +170,12 @@ def webdataset_batches(cfg, args, vision: int) -> Iterator:
     from cxrfm.data.samples import SampleSpec
 
     entries, _ = shard_entries(cfg, "train")
-    for scheme in ("s3", "gs", "gcs", "az", "abfs"):  # webdataset's URL dispatch table: object stores via fsspec
-        importlib.import_module("webdataset.gopen").gopen_schemes.setdefault(scheme, _open_with_fsspec)
+    _register_store_schemes()
     spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, vision, True)
     decode = _Decode(store.join(cfg.data.shards, "tokenizer"), spec, tuple(sorted(cfg.data.tasks.items())), cfg.data.seed)
     ds = wds.WebDataset([e["path"] for e in entries], shardshuffle=False, empty_check=False).map(decode)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, num_workers=args.workers, drop_last=True,
-                                         persistent_workers=args.workers > 0,
+                                         persistent_workers=args.workers > 0, worker_init_fn=_register_store_schemes,
                                          prefetch_factor=args.prefetch if args.workers > 0 else None)
     return _epochs(lambda: iter(loader))
 
