@@ -114,7 +114,7 @@ class DecodeLoop:
                 continue
             try:
                 r = seq.request
-                seq.prompt = self.p._prompt(r["task"], r["images"], r.get("text", ""))
+                seq.prompt = self.p.prompt(r["task"], r["images"], r.get("text", ""))
             except Exception as e:  # noqa: BLE001 - this request's input, not the loop's problem
                 self._fail(seq, e)
                 continue

@@ -60,48 +60,6 @@ def error(status: int, code: str, message: str) -> dict:
     return {"error": {"status": status, "code": code, "message": message}}
 
 
-class _StepStreamer:
-    """transformers streamer: one `push(list of token ids)` per decoding step. The first `put` is the
-    (empty, 2-D) prompt and is skipped; the end is signalled by the caller (also after a failure)."""
-
-    def __init__(self, push):
-        self.push = push
-
-    def put(self, value) -> None:
-        if value.dim() == 1:
-            self.push(value.tolist())
-
-    def end(self) -> None:
-        pass
-
-
-def stream_generate(predictor, requests: list[dict], max_new_tokens: int, push) -> None:
-    """`Predictor.generate_batch` (greedy) with a per-step token callback. It builds the same left-padded
-    prompt through the Predictor's own `_prompt` and `model.embed`; kept beside it here because
-    `generate_batch` takes no streamer."""
-    import numpy as np
-    import torch
-    from transformers.generation.streamers import BaseStreamer
-
-    from cxrfm.text.tokenizer import EOS, PAD
-
-    class Streamer(_StepStreamer, BaseStreamer):
-        pass
-
-    prompts = [predictor._prompt(r["task"], r["images"], r.get("text", "")) for r in requests]
-    width, pad = max(len(p[0]) for p in prompts), predictor.vocab[PAD]
-    dev = predictor.device
-    ids = torch.tensor([[pad] * (width - len(p[0])) + p[0] for p in prompts], device=dev)
-    mask = torch.tensor([[0] * (width - len(p[0])) + [1] * len(p[0]) for p in prompts], device=dev)
-    images = torch.as_tensor(np.stack([p[1] for p in prompts]), device=dev)
-    present = torch.as_tensor(np.stack([p[2] for p in prompts]), device=dev)
-    with torch.no_grad():
-        embeds = predictor.model.embed(ids, images, present)
-        predictor.model.language.generate(
-            inputs_embeds=embeds, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
-            eos_token_id=predictor.vocab[EOS], pad_token_id=pad, use_cache=True, streamer=Streamer(push))
-
-
 class _TaskBase:
     """Shared by the model deployments; `task_deployment` adds the multiplexed loader."""
 
@@ -339,6 +297,8 @@ class _TaskBase:
     async def _stream_batch(self, model_ids: list[str], items: list[dict]):
         """Yields one list per step, one slot per caller: an event dict, None (nothing new) or
         StopIteration (that caller's stream is over)."""
+        # Imported here: the ingress imports this module too and needs no transformers.
+        from cxrfm.model.generate import GenerationOptions
         from cxrfm.text.tokenizer import EOS
 
         n, finished = len(items), set()
@@ -364,7 +324,8 @@ class _TaskBase:
 
             def run() -> None:
                 try:
-                    stream_generate(predictor, requests, max(budgets), push)
+                    # greedy, one push(token ids of every row) per decoding step
+                    predictor.generate_batch(requests, GenerationOptions(max_new_tokens=max(budgets)), on_step=push)
                 finally:
                     push(None)  # always wake the consumer, also when generation raised
 

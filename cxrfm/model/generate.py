@@ -7,12 +7,14 @@ the KV cache of the Llama model (greedy, beam search or sampling; stops at EOS).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+from transformers.generation.streamers import BaseStreamer
 
 from cxrfm.data.images import MAX_IMAGE_PIXELS, ImageDecodeError, decode_image, read_image
 from cxrfm.data.samples import ROLES, prompt_ids, report_prompt
@@ -35,6 +37,21 @@ class Answer:
     boxes: list[tuple[float, float, float, float]] = field(default_factory=list)  # grounding, original pixels
     problems: list[str] = field(default_factory=list)  # malformed location tokens, reported not guessed
     tokens: int = 0  # generated tokens, EOS excluded
+
+
+class _StepHook(BaseStreamer):
+    """transformers streamer -> one on_step(list of token ids) per decoding step. generate's first put() is
+    the prompt (2-D, empty with inputs_embeds) and is skipped; each step puts the (B,) chosen tokens."""
+
+    def __init__(self, on_step: Callable[[list[int]], None]):
+        self.on_step = on_step
+
+    def put(self, value: torch.Tensor) -> None:
+        if value.dim() == 1:
+            self.on_step(value.tolist())
+
+    def end(self) -> None:
+        pass
 
 
 class ImageError(ValueError):
@@ -78,7 +95,9 @@ class Predictor:
             return image
         return np.asarray(Image.fromarray(image).resize((self.image_size, self.image_size), Image.BILINEAR))
 
-    def _prompt(self, task: str, images: dict[str, np.ndarray], text: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+    def prompt(self, task: str, images: dict[str, np.ndarray], text: str) -> tuple[list[int], np.ndarray, np.ndarray]:
+        """One request's prompt: token ids, the image stack (len(ROLES), S, S) uint8 and which roles are
+        present (len(ROLES),) bool, as generate_batch and serving's continuous batching feed the model."""
         if "frontal" not in images and "lateral" not in images:
             raise ImageError("a study needs a frontal or a lateral image")
         ids = prompt_ids(self.tokenizer, list(images), task, text, self.num_image_tokens)
@@ -90,12 +109,17 @@ class Predictor:
         return ids, stack, present
 
     @torch.no_grad()
-    def generate_batch(self, requests: list[dict], options: GenerationOptions | None = None) -> list[Answer]:
+    def generate_batch(self, requests: list[dict], options: GenerationOptions | None = None,
+                       on_step: Callable[[list[int]], None] | None = None) -> list[Answer]:
         """requests: [{"task", "images": {role: array}, "text": prompt text}] -> answers, in order.
 
-        Prompts are left-padded so that every row's answer starts at the same position."""
+        Prompts are left-padded so that every row's answer starts at the same position. on_step, if given,
+        is called after every decoding step with the token id each row chose (one per request, in order;
+        rows that have ended get the pad id), so a caller can stream (greedy or sampled, not beam search)."""
         opts = options or GenerationOptions()
-        prompts = [self._prompt(r["task"], r["images"], r.get("text", "")) for r in requests]
+        if on_step is not None and opts.num_beams > 1:
+            raise ValueError("on_step streams greedy or sampled decoding; beam search only knows its tokens at the end")
+        prompts = [self.prompt(r["task"], r["images"], r.get("text", "")) for r in requests]
         width = max(len(p[0]) for p in prompts)
         pad = self.vocab[PAD]
         ids = torch.tensor([[pad] * (width - len(p[0])) + p[0] for p in prompts], device=self.device)
@@ -109,6 +133,7 @@ class Predictor:
             inputs_embeds=embeds, attention_mask=mask, max_new_tokens=opts.max_new_tokens,
             num_beams=opts.num_beams, do_sample=opts.do_sample, temperature=opts.temperature, top_p=opts.top_p,
             eos_token_id=self.vocab[EOS], pad_token_id=pad, use_cache=True,
+            streamer=None if on_step is None else _StepHook(on_step),
         )  # (B, new tokens): with only inputs_embeds, generate returns the continuation alone
         answers, eos = [], self.vocab[EOS]
         for r, row in zip(requests, out.tolist()):

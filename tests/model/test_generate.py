@@ -90,6 +90,23 @@ def test_left_padded_batch_gives_the_same_answers_as_one_by_one(predictor):
     assert batch == single
 
 
+def test_on_step_streams_each_rows_tokens_of_the_same_answers(predictor):
+    reqs = [{"task": "vqa", "images": _images(1), "text": "effusion?"},
+            {"task": "report", "images": _images(2), "text": "indication: cough"}]
+    opts = GenerationOptions(max_new_tokens=6)
+    steps = []
+    answers = predictor.generate_batch(reqs, opts, on_step=steps.append)
+    assert answers == predictor.generate_batch(reqs, opts) and 1 <= len(steps) <= 6
+    eos, pad = predictor.vocab[EOS], predictor.vocab["<pad>"]
+    for row, answer in enumerate(answers):
+        tokens = [step[row] for step in steps]
+        tokens = tokens[: tokens.index(eos)] if eos in tokens else tokens
+        assert pad not in tokens and len(tokens) == answer.tokens
+        assert predictor.tokenizer.decode(tokens, skip_special_tokens=False).strip() == answer.text
+    with pytest.raises(ValueError, match="beam search"):
+        predictor.generate_batch(reqs, GenerationOptions(max_new_tokens=2, num_beams=2), on_step=steps.append)
+
+
 def test_one_beam_is_greedy_and_beam_search_equals_a_reference(predictor):
     from cxrfm.data.samples import report_prompt
 

@@ -218,10 +218,18 @@ def test_dicom_studies_get_the_answer_of_the_same_pixels_as_png(server, photomet
 
 
 # ---- streaming, batching, multiplexing ---------------------------------------------------------------
-def test_report_streams_tokens_as_server_sent_events(server):
-    r = server.post("/v1/report", "acme", json=study(stream=True, max_new_tokens=6), stream=True)
+@pytest.mark.parametrize("scheduler", ["continuous", "batch"])
+def test_report_streams_tokens_as_server_sent_events(server, scheduler):
+    handle = server.handle("TextGenerator")
+    handle.reconfigure.remote({"max_batch_size": 8, "batch_wait_timeout_s": 0.3, "scheduler": scheduler}).result(
+        timeout_s=30)
+    try:
+        r = server.post("/v1/report", "acme", json=study(stream=True, max_new_tokens=6), stream=True)
+        body = r.text  # the whole stream, read under this scheduler
+    finally:
+        handle.reconfigure.remote({"max_batch_size": 8, "batch_wait_timeout_s": 0.3}).result(timeout_s=30)
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
-    events = [block for block in r.text.split("\n\n") if block.strip()]
+    events = [block for block in body.split("\n\n") if block.strip()]
     tokens = [json.loads(e[len("data: "):])["token"] for e in events if e.startswith("data: ")]
     assert events[-1].startswith("event: done")
     done = json.loads(events[-1].split("data: ", 1)[1])
