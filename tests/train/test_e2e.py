@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from cxrfm.train.trainer import latest_checkpoint
+
 pytestmark = pytest.mark.slow
 
 
@@ -127,10 +129,11 @@ def test_worker_killed_mid_training_recovers_from_checkpoint(small_shards, tmp_p
     deadline = time.time() + 1200
     killed = None
     while time.time() < deadline and proc.poll() is None:
-        ckpts = [c for c in (out / "ray").glob("*/checkpoint_*/latest")] if (out / "ray").exists() else []
-        steps = [int(c.read_text().strip().removeprefix("step")) for c in ckpts]
+        # a checkpoint Ray Train committed (every rank reported it), not one still being written
+        committed = max((latest_checkpoint(d)[1] for d in (out / "ray").glob("*") if d.is_dir()), default=-1) \
+            if (out / "ray").exists() else -1
         pid_file = next(out.glob("*/workers/rank1.pid"), None)
-        if steps and max(steps) >= 20 and pid_file is not None:
+        if committed >= 20 and pid_file is not None:
             killed = int(pid_file.read_text())
             os.kill(killed, signal.SIGKILL)
             break
@@ -141,6 +144,11 @@ def test_worker_killed_mid_training_recovers_from_checkpoint(small_shards, tmp_p
     history = _loss_history(out)
     steps = [s for s, _ in history]
     assert steps[-1] == 60
-    assert steps.count(5) == 1, "the restarted group began again from step 0 instead of the checkpoint"
+    assert steps.count(5) == 1 and steps == sorted(set(steps)), "a step was logged twice"
+    # MLflow hides a replay (steps already logged are not logged again): the restarted group's own reports say
+    # where it started
+    [snapshot] = (out / "ray").glob("*/checkpoint_manager_snapshot.json")
+    start = json.loads(snapshot.read_text())["latest_checkpoint_result"]["metrics"]["start_step"]
+    assert start >= 20, f"the restarted group began at step {start}, not from the checkpoint"
     new_pid = int(next(out.glob("*/workers/rank1.pid")).read_text())
     assert new_pid != killed, "rank 1 was not restarted"

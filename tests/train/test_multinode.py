@@ -72,6 +72,16 @@ def _committed_start_step(out: Path) -> int:
     return int(snapshot["latest_checkpoint_result"]["metrics"]["start_step"])
 
 
+def _reports(out: Path) -> list:
+    """(checkpoint dir, step, start_step) of every report Ray Train committed, for failure messages."""
+    try:
+        snapshot = json.loads((out / "ray" / RUN / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return []
+    return [(r["checkpoint_dir_name"], r["metrics"]["step"], r["metrics"]["start_step"])
+            for r in snapshot["checkpoint_results"]]
+
+
 def _wait(what: str, cond, timeout: float, poll: float = 0.5):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -120,6 +130,7 @@ def test_two_nodes_zero3_node_lost_and_driver_killed_resume_into_one_run(cluster
     lost = "node_a" if ranks[1]["node_id"] == cluster.node_id_of("node_a") else "node_b"
     at_kill = _checkpoint_step(out)
     old_pids = {r: int((workers / f"rank{r}.pid").read_text()) for r in (0, 1)}
+    snapshot_at_kill = _reports(out)
     os.kill(cluster.nodes[lost].raylet_pid(), signal.SIGKILL)
     killed_at = time.monotonic()
     cluster.nodes[f"{lost}-lost"] = cluster.nodes.pop(lost)  # still stopped at teardown
@@ -132,7 +143,8 @@ def test_two_nodes_zero3_node_lost_and_driver_killed_resume_into_one_run(cluster
     progressed_at = time.monotonic()
     print(f"\nnode lost at checkpoint step {at_kill}: workers running again after {restarted_at - killed_at:.0f} s, "
           f"next checkpoint (step {_checkpoint_step(out)}) after {progressed_at - killed_at:.0f} s")
-    assert _committed_start_step(out) == at_kill, "the restarted workers did not resume from the checkpoint"
+    assert _committed_start_step(out) == at_kill, \
+        f"the restarted workers did not resume from the checkpoint: {_reports(out)}; at the kill: {snapshot_at_kill}"
     assert _job_status(cluster, job_id) == "RUNNING"
     assert cluster.node_id_of(f"{lost}_2") in {a.node_id for a in _train_workers(cluster)}
 
