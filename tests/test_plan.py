@@ -12,8 +12,8 @@ import torch
 
 from cxrfm.config import load_config
 from cxrfm.model.build import IMAGE_TOKEN_ID, build_model, default_vocab_size
-from cxrfm.plan import (GiB, OPTIONS, activation_breakdown, add_plan_parser, make_plan, model_shape,
-                        model_states)
+from cxrfm.plan import GiB, OPTIONS, activation_breakdown, make_plan, model_shape, model_states
+from cxrfm.plan.cli import add_parser as add_plan_parser
 
 REPO = Path(__file__).resolve().parent.parent
 PRETRAIN = REPO / "jobs" / "pretrain-m4cxr.yaml"

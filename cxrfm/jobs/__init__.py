@@ -14,7 +14,6 @@ The parts: manifests.py (a spec -> the entrypoint and the KubeRay RayJob, Config
 ray_jobs.py (the Ray Jobs API client), kube.py (the Kubernetes API client), cli.py (the commands).
 """
 
-from cxrfm.jobs.cli import add_parser as add_jobs_parser
 from cxrfm.jobs.ray_jobs import JobError, logs_ray, status_ray, stop_ray, submit_ray
 
-__all__ = ["JobError", "add_jobs_parser", "logs_ray", "status_ray", "stop_ray", "submit_ray"]
+__all__ = ["JobError", "logs_ray", "status_ray", "stop_ray", "submit_ray"]
