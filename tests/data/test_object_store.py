@@ -185,17 +185,16 @@ def test_training_streams_from_the_store_and_counts_lost_shards(s3_env, tmp_path
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deleted_at = []
 
-    def delete_when_training() -> None:  # once the first steps are logged: the stream is under way
+    def delete_when_training() -> None:
+        # run.json appears once the driver has checked every shard against the manifest and before the workers
+        # stream: the shard vanishes mid-run, after its check, and every epoch's read of it finds it gone
+        # (waiting for logged steps instead raced with Ray Data reading all epochs ahead on an idle machine)
         while proc.poll() is None:
-            runs = list(out.glob("*/run.json"))
-            if runs:
-                state = json.loads(runs[0].read_text())
-                steps = MlflowClient(state["tracking_uri"]).get_metric_history(state["mlflow_run_id"], "samples_per_s")
-                if steps:
-                    _bucket(s3_env).Object(f"train/{deleted['path']}").delete()
-                    deleted_at.append(max(m.step for m in steps))
-                    return
-            time.sleep(0.5)
+            if list(out.glob("*/run.json")):
+                _bucket(s3_env).Object(f"train/{deleted['path']}").delete()
+                deleted_at.append(0)
+                return
+            time.sleep(0.05)
 
     watcher = threading.Thread(target=delete_when_training, daemon=True)
     watcher.start()
