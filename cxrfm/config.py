@@ -60,6 +60,8 @@ class DataConfig(_Section):
     shuffle: bool = Field(True, description="training reads shards in a random order; false: the stream order is "
                           "fixed (preserve_order), so two runs from the same seed see the same batches")
     vocab_size: int = Field(2000, ge=300, description="BPE vocabulary before special/location tokens")
+    prefetch_batches: int = Field(1, ge=0, description="micro-batches each training worker fetches ahead of its "
+                                  "step (Ray Data iter_batches); `cxrfm bench data` measures the effect")
 
     @model_validator(mode="after")
     def _known_tasks(self) -> "DataConfig":
@@ -221,6 +223,11 @@ class ModelConfig(_Section):
     # from each current (non-prior) image's mean patch feature. Gives the encoder a direct signal from the
     # first step, so the LM has findings to read in its visual tokens early. 0 turns it off.
     finding_loss_weight: float = Field(0.0, ge=0)
+    # How the answer-token loss of report, VQA and grounding rows is averaged. "token": one mean over every
+    # answer token of the batch, so a 60-token report outweighs a 1-token "yes" 60 to 1 and short-answer tasks
+    # get a sliver of the gradient. "task": each task's own token mean, weighted by its share of the batch's
+    # rows, so the mixture weights (data.tasks) set each task's share of the gradient.
+    lm_loss_average: Literal["token", "task"] = "token"
 
 
 class TrainConfig(_Section):

@@ -91,14 +91,21 @@ class MultitaskModel(nn.Module):
         counted = target != IGNORE
         task = task if task is not None else torch.zeros(len(labels), dtype=torch.long, device=labels.device)
         out, total = {}, hidden.new_zeros((), dtype=torch.float32)
+        lm_rows = torch.zeros((), dtype=torch.long, device=labels.device)
         for i, name in enumerate(LM_TASKS):
             sel = counted & (task == i).unsqueeze(1)  # (B, T-1)
             loss_sum = self.language.lm_head(hidden[:, :-1][sel], target[sel])  # fp32 scalar
-            total = total + loss_sum
+            n_sel = sel.sum()
+            if self.cfg.lm_loss_average == "task":  # this task's token mean x its rows (divided by all LM rows below)
+                rows = (sel.any(1)).sum()
+                lm_rows = lm_rows + rows
+                total = total + loss_sum / n_sel.clamp(min=1) * rows
+            else:
+                total = total + loss_sum
             out[f"loss_sum/{name}"] = loss_sum.detach()
-            out[f"tokens/{name}"] = sel.sum()
+            out[f"tokens/{name}"] = n_sel
         n_tok = counted.sum()
-        out["loss"] = total / n_tok.clamp(min=1)
+        out["loss"] = total / (lm_rows if self.cfg.lm_loss_average == "task" else n_tok).clamp(min=1)
         out["tokens"] = n_tok
         if self.diffusion is not None:
             out["loss"] = out["loss"] + self._generate_loss(hidden, attention_mask, images, task, out)

@@ -211,3 +211,24 @@ def test_finding_loss_is_zero_without_labels(batch):
         ref = base(*args, labels=data["labels"], task=data["task"])
     assert int(out["tokens/findings"]) == 0
     torch.testing.assert_close(out["loss"], ref["loss"])
+
+
+@pytest.mark.parametrize("average", ["token", "task"])
+def test_lm_loss_average(batch, average):
+    """token: one mean over all answer tokens. task: each task's token mean weighted by its share of the rows,
+    so a 1-token answer row counts as much as a long report row."""
+    data, vocab = batch
+    torch.manual_seed(0)
+    model = build_model(load_config(None, [f"model.lm_loss_average={average}"]), vocab)
+    with torch.no_grad():
+        out = model(data["input_ids"], data["attention_mask"], data["images"], data["image_present"],
+                    labels=data["labels"], task=data["task"])
+    rows = {t: int((data["task"] == i).sum()) for i, t in enumerate(LM_TASKS)}
+    assert all(rows.values()), f"the fixture batch needs every LM task, has {rows}"
+    means = {t: float(out[f"loss_sum/{t}"]) / int(out[f"tokens/{t}"]) for t in LM_TASKS}
+    assert len({int(out[f"tokens/{t}"]) // rows[t] for t in LM_TASKS}) > 1, "tasks need different answer lengths"
+    if average == "token":
+        expected = sum(float(out[f"loss_sum/{t}"]) for t in LM_TASKS) / int(out["tokens"])
+    else:
+        expected = sum(means[t] * rows[t] for t in LM_TASKS) / sum(rows.values())
+    assert float(out["loss"]) == pytest.approx(expected, rel=1e-5)
