@@ -14,6 +14,7 @@ import socket
 import tempfile
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -33,6 +34,12 @@ def _resume_step(engine, checkpoint) -> int:
         tag = (Path(d) / "latest").read_text().strip()
         _, client = engine.load_checkpoint(d, tag=tag)
     return int(client["step"])
+
+
+def batch_iterator(shard, cfg) -> Iterator[dict]:
+    """A worker's micro-batches from its Ray Data shard, as numpy (also what `cxrfm bench data` measures)."""
+    return iter(shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy", drop_last=True,
+                                   prefetch_batches=cfg.data.prefetch_batches))
 
 
 def _to_device(batch: dict, device: torch.device) -> dict:
@@ -78,12 +85,14 @@ def _ray_node_id() -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def _report_runtime(model, engine, cfg, out: Path, rank: int, world: int, config: dict) -> None:
+def _report_runtime(model, engine, cfg, out: Path, rank: int, world: int, config: dict, start_step: int) -> None:
     """Every rank says what it actually runs (workers/rank<N>.json, its log); rank 0 logs all ranks to MLflow
-    as params rank<N>/<field>, so a run records the backend of each worker, not what the driver assumed."""
+    as params rank<N>/<field>, so a run records the backend of each worker, not what the driver assumed.
+    `start_step`: the checkpoint step this process restored (0: none), so a restarted worker group shows
+    where it began, apart from reports an older group may still commit while it is being replaced."""
     mine = {"rank": rank, **model.runtime.as_dict(), "precision": cfg.train.precision,
             "zero_stage": engine.zero_optimization_stage(), "host": socket.gethostname(), "pid": os.getpid(),
-            "node_id": _ray_node_id()}
+            "node_id": _ray_node_id(), "start_step": start_step}
     (out / "workers" / f"rank{rank}.json").write_text(json.dumps(mine))
     print(f"rank {rank}: attention {mine['attention']} ({mine['attention_reason']}), ZeRO-{mine['zero_stage']}, "
           f"{mine['device']}, fused rmsnorm {mine['fused_rmsnorm']}, fused cross-entropy {mine['fused_cross_entropy']}",
@@ -148,8 +157,6 @@ def train_loop_per_worker(config: dict) -> None:
     engine, _, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_cfg,
                                                    lr_scheduler=lambda opt: make_scheduler(cfg, opt))
 
-    _report_runtime(model, engine, cfg, out, rank, world, config)
-
     step = 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None and config.get("resume_from"):
@@ -157,6 +164,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint is not None:
         step = _resume_step(engine, checkpoint)
     start_step = step
+    _report_runtime(model, engine, cfg, out, rank, world, config, start_step)
 
     logger = MetricLogger(config["mlflow_uri"], config["mlflow_run_id"]) if rank == 0 else None
     queue = config.get("progress_queue")
@@ -164,7 +172,7 @@ def train_loop_per_worker(config: dict) -> None:
     window, totals = _Window(), defaultdict(float)
     last_log = time.perf_counter()
     while step < cfg.train.max_steps:
-        batches = iter(shard.iter_batches(batch_size=cfg.train.micro_batch_size, batch_format="numpy", drop_last=True))
+        batches = batch_iterator(shard, cfg)
         t_wait = time.perf_counter()
         for raw in batches:
             t_got = time.perf_counter()

@@ -65,7 +65,8 @@ def _check_resources(cfg: Config) -> None:
                               "set train.use_gpu=false (CPU) or submit to a GPU cluster (cxrfm jobs submit)")
 
 
-def _data_config(cfg: Config):
+def data_config(cfg: Config):
+    """How Ray Train hands the dataset to the workers (also what `cxrfm bench data` measures through)."""
     from ray.train import DataConfig
 
     options = DataConfig.default_ingest_options()
@@ -73,24 +74,35 @@ def _data_config(cfg: Config):
     return DataConfig(execution_options=options)
 
 
-def latest_checkpoint(storage: Path) -> tuple[str | None, int]:
-    """The latest checkpoint Ray Train committed for a run (in its checkpoint_manager_snapshot.json: every rank
-    reported it), and its step. A directory written but not yet committed when a node or the driver died may
-    lack some ranks' partitions, so it is never picked while a snapshot exists. Without one (older runs), the
-    directory with the highest DeepSpeed step."""
-    try:
-        snapshot = json.loads((storage / "checkpoint_manager_snapshot.json").read_text())
-        committed = storage / snapshot["latest_checkpoint_result"]["checkpoint_dir_name"]
-        if (committed / "latest").is_file():
-            return str(committed), int((committed / "latest").read_text().strip().removeprefix("step"))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # no snapshot (yet), or one being rewritten: fall back to the directories
-    best, best_step = None, -1
-    for latest in storage.glob("checkpoint_*/latest"):
-        step = int(latest.read_text().strip().removeprefix("step"))
-        if step > best_step:
-            best, best_step = str(latest.parent), step
-    return best, best_step
+def latest_checkpoint(storage: Path, attempts: int = 10) -> tuple[str | None, int]:
+    """The latest checkpoint Ray Train committed for a run, and its step; (None, -1) when none is.
+
+    Committed means listed in the run's checkpoint_manager_snapshot.json, which Ray Train's controller writes
+    once every rank has reported the checkpoint. A `checkpoint_*` directory without that may lack some ranks'
+    partitions (a node or the driver died while it was written), so it is never picked, however new; and
+    without a snapshot nothing was committed yet. The snapshot is rewritten in place, so a read that finds
+    it half-written is retried (`attempts` times, 0.1 s apart)."""
+    path = storage / "checkpoint_manager_snapshot.json"
+    for attempt in range(attempts):
+        try:
+            snapshot = json.loads(path.read_text())
+            break
+        except FileNotFoundError:
+            return None, -1
+        except (OSError, ValueError) as err:
+            if attempt == attempts - 1:
+                raise ConfigError(f"{path} stays unreadable ({err}); if no run is writing it, it is damaged: "
+                                  f"check it against the checkpoint_* directories beside it") from None
+            time.sleep(0.1)
+    latest = snapshot.get("latest_checkpoint_result")
+    if not latest:
+        return None, -1
+    committed = storage / latest["checkpoint_dir_name"]
+    tag = committed / "latest"  # DeepSpeed's pointer to the step directory it saved
+    if not tag.is_file():
+        raise ConfigError(f"Ray Train committed {committed} but it has no DeepSpeed 'latest' file; the checkpoint "
+                          f"storage ({storage}) lost files: restore them or start a new run")
+    return str(committed), int(tag.read_text().strip().removeprefix("step"))
 
 
 class RunStopped(RuntimeError):
@@ -98,9 +110,12 @@ class RunStopped(RuntimeError):
 
 
 def stopped_message(run_name: str, storage: Path, cfg: Config, err: Exception) -> str:
-    ckpt, step = latest_checkpoint(storage)
+    try:
+        ckpt, step = latest_checkpoint(storage)
+        where = f"its last checkpoint is step {step} ({ckpt})" if ckpt else "it has no checkpoint yet"
+    except ConfigError as bad:  # still say how to resume; --resume repeats this error if it persists
+        where = f"its checkpoint record is unreadable ({bad})"
     cause = (str(err).strip().splitlines() or [type(err).__name__])[-1][:300]
-    where = f"its last checkpoint is step {step} ({ckpt})" if ckpt else "it has no checkpoint yet"
     return (f"run {run_name} stopped ({cause}) after Ray Train's retries (train.max_failures="
             f"{cfg.train.max_failures}, train.capacity_retries={cfg.train.capacity_retries}); {where}. Once the cause "
             f"is fixed or the cluster has {cfg.train.num_workers} worker slots again, continue it with: "
@@ -230,7 +245,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
             worker_runtime_env={"env_vars": worker_env(cfg)},
         ),
         datasets={"train": dataset},
-        dataset_config=_data_config(cfg),
+        dataset_config=data_config(cfg),
     )
     history: list[dict] = []
     stop = threading.Event()
