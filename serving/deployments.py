@@ -426,10 +426,14 @@ def task_deployment(task: str, max_models_per_replica: int = 3, gpu: bool = Fals
         autoscaling_config={"min_replicas": 1, "max_replicas": 4, "target_ongoing_requests": 4,
                             "upscale_delay_s": 10, "downscale_delay_s": 120},
         ray_actor_options={"num_cpus": 1, **({"num_gpus": 1} if gpu else {})}, user_config=dict(DEFAULT_BATCH),
+        logging_config={"enable_access_log": False},  # the ingress logs every request once, with its id and tenant
     )
 
 
-@serve.deployment(name="TenantLimiter", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+# Two calls per API request (acquire, release): no Serve access-log line for them (the ingress logs the
+# request once) and async methods, which run on the replica's event loop instead of a worker thread each.
+@serve.deployment(name="TenantLimiter", num_replicas=1, max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0},
+                  logging_config={"enable_access_log": False})
 class TenantLimiter:
     """Rate and concurrency limits for all ingress replicas together. Keep it at one replica: the
     buckets live here, and a second replica would double every tenant's allowance."""
@@ -437,9 +441,9 @@ class TenantLimiter:
     def __init__(self, lease_ttl_s: float = 600.0):
         self.limiter = Limiter(lease_ttl_s)
 
-    def acquire(self, tenant: str, rate: float, burst: int, max_concurrency: int, lease: str | None = None) -> dict:
+    async def acquire(self, tenant: str, rate: float, burst: int, max_concurrency: int, lease: str | None = None) -> dict:
         d = self.limiter.acquire(tenant, rate, burst, max_concurrency, lease)
         return {"ok": d.ok, "reason": d.reason, "retry_after_s": d.retry_after_s, "lease": d.lease}
 
-    def release(self, tenant: str, lease: str) -> None:
+    async def release(self, tenant: str, lease: str) -> None:
         self.limiter.release(tenant, lease)

@@ -34,10 +34,11 @@ APP = "cxrfm-bench"
 
 def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--export", help="model export directory (default: an untrained tiny model, built once)")
-    p.add_argument("--levels", default="1,4,8,16", help="client concurrency levels")
-    p.add_argument("--requests", type=int, default=32, help="requests per level and mode (at least 2x the level)")
-    p.add_argument("--level-timeout-s", type=float, default=90.0, help="stop issuing requests after this long")
-    p.add_argument("--max-batch-size", type=int, default=8)
+    p.add_argument("--levels", default="1,4,16", help="client concurrency levels")
+    # Enough requests that ramp-up and drain (the first and last `level` requests) are a small part of a level.
+    p.add_argument("--requests", type=int, default=160, help="requests per level and mode (at least 8x the level)")
+    p.add_argument("--level-timeout-s", type=float, default=120.0, help="stop issuing requests after this long")
+    p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-s", type=float, default=0.05)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of a TextGenerator replica")
@@ -131,8 +132,10 @@ def batching_table(args, url: str, key: str) -> list[dict]:
         for name, scheduler, size in modes:
             handle.reconfigure.remote({"max_batch_size": size, "batch_wait_timeout_s": args.batch_wait_s,
                                        "scheduler": scheduler}).result()
+            # Warm-up at this level and mode, not counted: the switch and the first batch's ramp-up.
+            asyncio.run(load(url, key, body, level, 2 * level, args.level_timeout_s))
             handle.reset_stats.remote().result()
-            res = load(url, key, body, level, max(args.requests, 2 * level), args.level_timeout_s)
+            res = load(url, key, body, level, max(args.requests, 8 * level), args.level_timeout_s)
             res = asyncio.run(res)
             stats = handle.stats.remote().result()
             sizes = stats["step_sizes"] if scheduler == "continuous" else stats["batch_sizes"]
