@@ -1,4 +1,4 @@
-"""`cxrfm eval`, `cxrfm classifier train`, `cxrfm labeler score`: the evaluation commands."""
+"""`cxrfm eval`, `cxrfm probe`, `cxrfm classifier train`, `cxrfm labeler score`: the evaluation commands."""
 
 from __future__ import annotations
 
@@ -37,6 +37,18 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"logged to MLflow run {log_to_mlflow(metrics, export, args.split)}")
         for name, version in attach_eval(export, metrics, args.split):  # registered from this export's run
             print(f"metrics attached to registered model {name} version {version}")
+    return 0
+
+
+def cmd_probe(args: argparse.Namespace) -> int:
+    from cxrfm.eval.probe import format_probe, probe  # loads the model stack (see cmd_eval)
+
+    export = Path(args.checkpoint)
+    shards = args.shards or json.loads((export / "config.json").read_text())["config"]["data"]["shards"]
+    metrics = probe(load_predictor(args).model, shards, args.limit)
+    print(format_probe(metrics))
+    if args.json:
+        Path(args.json).write_text(json.dumps(metrics, indent=1, sort_keys=True))
     return 0
 
 
@@ -87,6 +99,15 @@ def add_parser(subparsers) -> None:
     p.add_argument("--no-baselines", action="store_true", help="skip the same-run baselines (faster)")
     p.add_argument("--json", help="also write every metric to this JSON file")
     p.set_defaults(func=cmd_eval)
+
+    p = subparsers.add_parser("probe", help="linear probes: are view and laterality in the pixels, the vision "
+                              "encoder's patches and the visual tokens the LM reads?")
+    p.add_argument("checkpoint", help="export directory written by cxrfm train (<run>/export)")
+    p.add_argument("--shards", help="shard directory (default: the one the model was trained on)")
+    p.add_argument("--limit", type=int, help="the first N studies of each split only")
+    add_runtime_args(p)
+    p.add_argument("--json", help="also write the accuracies to this JSON file")
+    p.set_defaults(func=cmd_probe)
 
     clf = subparsers.add_parser("classifier", help="the finding classifier that scores generated images")
     p = clf.add_subparsers(dest="classifier_cmd", required=True).add_parser("train", help="train it on a shard directory")
