@@ -150,6 +150,20 @@ def read_shard(entry: dict) -> list[dict]:
             for key in sorted(samples)]
 
 
+def read_shards(entries: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """map_batches form of read_shard (manifest entries as columns -> their samples as columns). A MapBatches,
+    not a flat_map, so Ray Data fuses it with the decode below: one task reads a shard and decodes it, and the
+    shard's raw bytes never pass through the object store (a flat_map stays a separate operator there)."""
+    rows = [row for path, sha, n in zip(entries["path"], entries["sha256"], entries["samples"])
+            for row in read_shard({"path": str(path), "sha256": str(sha), "samples": int(n)})]
+    columns = {}
+    for name in rows[0]:
+        column = np.empty(len(rows), dtype=np.int64 if name in ("shard_skip", "shard_samples") else object)
+        column[:] = [r[name] for r in rows]  # bytes stay one object each (np.array would make them fixed-width)
+        columns[name] = column
+    return columns
+
+
 def shard_entries(cfg: Config, split: str) -> tuple[list[dict], dict[str, int]]:
     """What read_shard reads for `split` (mixture order for train), and the samples excluded up front
     (shards missing from the listing). Checksums come from each source's manifest."""
@@ -175,7 +189,7 @@ def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool,
     ds = ray.data.from_items(entries, override_num_blocks=len(entries))  # one block per shard
     if augment and cfg.data.shuffle:  # a new shard order every epoch, reproducible from data.seed
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.data.seed, reseed_after_execution=True))
-    ds = ds.flat_map(read_shard, num_cpus=0.25)
+    ds = ds.map_batches(read_shards, batch_size=1, batch_format="numpy", num_cpus=0.25)  # fused with the decode
     ds = ds.map_batches(
         map_studies,
         # with data.sources: data.shards is where the mixture's joint tokenizer lives
