@@ -27,6 +27,34 @@ from .tenants import add_tenants_parser
 
 IMPORT_PATH = "cxrfm.serving.app:build_app"
 DEMO_EXPORT = "runs/serve-demo/export"
+# Ray's single-machine mode (its default on macOS and Windows): the node's IP is 127.0.0.1, so the GCS, the
+# raylet, the agents and the Prometheus metrics endpoint (which lists tenant names) listen on loopback only.
+# On Linux Ray otherwise takes the host's routable IP and serves metrics on every interface without auth.
+RAY_LOOPBACK_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def bind_ray_to_loopback():
+    """For a private Ray instance that this process is about to start (`ray.init(address="local")`):
+    every port it opens listens on 127.0.0.1. Child processes inherit the setting through the environment.
+    Returns a function that restores the previous setting (for a process that goes on to other clusters)."""
+    import sys
+
+    saved_env = os.environ.get(RAY_LOOPBACK_ENV)
+    os.environ[RAY_LOOPBACK_ENV] = "0"
+    constants = sys.modules.get("ray._private.ray_constants")
+    saved_flag = getattr(constants, "ENABLE_RAY_CLUSTER", None)
+    if constants is not None:  # Ray already imported: it read the variable at import
+        constants.ENABLE_RAY_CLUSTER = False
+
+    def restore() -> None:
+        if saved_env is None:
+            os.environ.pop(RAY_LOOPBACK_ENV, None)
+        else:
+            os.environ[RAY_LOOPBACK_ENV] = saved_env
+        if constants is not None:
+            constants.ENABLE_RAY_CLUSTER = saved_flag
+
+    return restore
 
 
 def build_untrained_export(out: str | Path, overrides: list[str] | None = None) -> Path:
@@ -168,6 +196,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         # (kill, docker stop, systemd) can be turned into the Ctrl-C that `serve run` answers by shutting
         # Serve down: Ray's own SIGTERM handler would abort the process instead.
         os.environ.setdefault(ENV, CALLBACK)  # Ray nodes started here inherit it: request ids are sanitised
+        if args.address == "local":  # a private instance: nothing of it listens beyond this machine
+            bind_ray_to_loopback()
         ray.init(address=args.address, namespace=SERVE_NAMESPACE)
         signal.signal(signal.SIGTERM, _stop_on_sigterm)
         return serve_cli.main(["run", f.name], standalone_mode=False) or 0

@@ -10,7 +10,10 @@ One `DecodeLoop` per loaded model in a replica owns one thread that runs one dec
 - a sequence that emits EOS, reaches its budget or whose caller went away leaves at once, and its cache
   rows are dropped (the padding of the rest is trimmed);
 - when nothing runs the thread sleeps on the queue: an idle replica starts a request immediately, there is
-  no batch window.
+  no batch window;
+- while a batch runs, arrivals wait (a few steps at most) until enough are there to be prefilled together,
+  as TGI's router does (`waiting_served_ratio`, `max_waiting_tokens`): one prefill of k prompts costs far
+  less than k prefills of one, and each prefill pauses every running sequence for its duration.
 
 Hand-written rather than transformers' continuous batching (`generate_batch` / `ContinuousBatchingManager`,
 paged cache): that takes token ids only, while our prompts carry image embeddings in the `<image>` slots
@@ -42,18 +45,24 @@ class _Sequence:
     length: int = 0  # positions in its KV cache (prompt + generated tokens fed back)
     prompt: tuple | None = None  # (ids, image stack, present) between admission and prefill
     cancelled: bool = False
+    waited: int = 0  # decode steps run while it waited for admission
 
 
 class DecodeLoop:
     """Iteration-level scheduler over one Predictor. `generate()` is called on the replica's event loop;
     the model runs in this loop's own thread."""
 
-    def __init__(self, predictor, max_batch_size: int = 16, idle_exit_s: float = 60.0, on_step=None):
+    def __init__(self, predictor, max_batch_size: int = 16, idle_exit_s: float = 60.0, on_step=None,
+                 waiting_served_ratio: float = 0.3, max_waiting_steps: int = 4):
         from cxrfm.text.tokenizer import EOS, PAD
 
         self.p, self.max_batch_size, self.idle_exit_s = predictor, max_batch_size, idle_exit_s
+        # While a batch runs, admit arrivals once they are at least this share of the running sequences,
+        # or once the oldest has waited this many steps (an idle loop admits at once).
+        self.waiting_served_ratio, self.max_waiting_steps = waiting_served_ratio, max_waiting_steps
         self.eos, self.pad = predictor.vocab[EOS], predictor.vocab[PAD]
-        self.pending: queue.Queue[_Sequence] = queue.Queue()
+        self.pending: queue.Queue[_Sequence] = queue.Queue()  # from the callers' event loops
+        self.waiting: deque[_Sequence] = deque()  # taken off `pending` by the loop, not admitted yet
         self.running: list[_Sequence] = []
         # The batched KV cache of the last step: its sequences in row order and the padding mask (B, width).
         self.batch_cache, self.batch_seqs, self.batch_mask = None, [], None
@@ -85,16 +94,25 @@ class DecodeLoop:
     # ---- the loop (its own thread) --------------------------------------------------------------------
     def _run(self) -> None:
         while True:
-            if not self.running:
+            if not self.running and not self.waiting:
                 try:  # idle: block until a request comes, no window
-                    self.pending.put(self.pending.get(timeout=self.idle_exit_s))
+                    self.waiting.append(self.pending.get(timeout=self.idle_exit_s))
                 except queue.Empty:
                     with self._lock:
                         if self.pending.empty():
                             self._thread = None
                             return
                     continue
-            self._admit()
+            while True:
+                try:
+                    self.waiting.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            self.waiting = deque(s for s in self.waiting if not s.cancelled)  # their callers went away
+            if self._admit_now():
+                self._admit()
+            for seq in self.waiting:
+                seq.waited += 1
             if self.running:
                 try:
                     self._step()
@@ -103,13 +121,17 @@ class DecodeLoop:
                         self._fail(seq, e)
                     self.running, self.batch_seqs = [], []
 
+    def _admit_now(self) -> bool:
+        waiting, running = self.waiting, len(self.running)
+        if not waiting or running >= self.max_batch_size:
+            return False
+        return (not running or len(waiting) >= self.waiting_served_ratio * running
+                or running + len(waiting) >= self.max_batch_size or waiting[0].waited >= self.max_waiting_steps)
+
     def _admit(self) -> None:
         new = []
-        while len(self.running) + len(new) < self.max_batch_size:
-            try:
-                seq = self.pending.get_nowait()
-            except queue.Empty:
-                break
+        while len(self.running) + len(new) < self.max_batch_size and self.waiting:
+            seq = self.waiting.popleft()
             if seq.cancelled:
                 continue
             try:

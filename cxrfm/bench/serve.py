@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from cxrfm.serving.cli import build_untrained_export
+from cxrfm.serving.cli import bind_ray_to_loopback, build_untrained_export
 from cxrfm.serving.tenants import Tenant, add_tenant
 
 APP = "cxrfm-bench"
@@ -221,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     print(f"machine: {platform.machine()} {os.cpu_count()} CPU cores ({_cpu_name()}); model: {export}")
     print(f"report, max_new_tokens={args.max_new_tokens}, TextGenerator num_cpus={args.replica_cpus}")
-    ray.init(address="local", include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    bind_ray_to_loopback()  # Ray replaces a _node_ip_address of 127.0.0.1 by the host's IP
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         url = f"http://127.0.0.1:{port}/v1/report"

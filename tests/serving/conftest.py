@@ -133,24 +133,28 @@ def tiny_exports(tmp_path_factory) -> dict[str, Path]:
     return {"base": base, "ft": ft}
 
 
-def _ray_init(metrics_port: int) -> None:
+def _ray_init(metrics_port: int):
+    """-> a function that undoes the loopback setting (other test packages start their own clusters)."""
     import ray
 
     # On an overloaded machine the raylet can give up waiting for its Python agents to write their ports
     # (RayConfig agent_register_timeout_ms); allow them longer, and retry the whole start once or twice.
     os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
+    from cxrfm.serving.cli import bind_ray_to_loopback
     from cxrfm.serving.proxy import CALLBACK, ENV
 
     os.environ[ENV] = CALLBACK  # the proxy replaces client request ids that could forge log lines
+    restore = bind_ray_to_loopback()  # as `cxrfm serve` does for its private instance
     attempts = 3
     for attempt in range(attempts):
         try:
             ray.init(address="local", num_cpus=2, include_dashboard=False, _metrics_export_port=metrics_port,
                      log_to_driver=False)
-            return
+            return restore
         except Exception:
             ray.shutdown()
             if attempt == attempts - 1:
+                restore()
                 raise
             time.sleep(5)
 
@@ -172,7 +176,7 @@ def server(tiny_exports, tmp_path_factory):
 
     port, metrics_port = free_port(), free_port()
     saved_address = os.environ.get("RAY_ADDRESS")
-    _ray_init(metrics_port)
+    restore_ray_ip = _ray_init(metrics_port)
     small = {"num_replicas": 1, "autoscaling_config": None, "ray_actor_options": {"num_cpus": 0.2}}
     tasks = ["report", "vqa", "grounding"] + (["generate"] if HAS_GENERATE else [])
     options = {name: dict(small) for name in ["Ingress", "TextGenerator", "ImageGenerator"]}
@@ -203,6 +207,7 @@ def server(tiny_exports, tmp_path_factory):
     finally:
         serve.shutdown()
         ray.shutdown()
+        restore_ray_ip()
         # ray.init exports the address of the instance it started; later tests must not join it.
         if saved_address is None:
             os.environ.pop("RAY_ADDRESS", None)

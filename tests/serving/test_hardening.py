@@ -178,3 +178,40 @@ def test_request_id_cannot_forge_log_lines(server):
     logs = _wait_until(ingress_logged, 60, "the ingress's log line of the request")
     for p in logs:
         assert b"tenant=root" not in p.read_bytes(), f"a client's request id reached {p}"
+
+
+# ---- network exposure ------------------------------------------------------------------------------------
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def test_nothing_started_listens_beyond_loopback_without_auth(server):
+    """Ray's Prometheus endpoint lists tenant names without auth; its GCS and raylet run code. A private
+    instance (`cxrfm serve`, these tests) opens them on loopback only. The one exception is Ray's: each
+    Serve replica binds its inter-deployment gRPC server to [::] (hard-coded in Ray 2.60), and that server
+    refuses calls without the cluster's auth token."""
+    import grpc
+    import psutil
+
+    listening = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            for conn in proc.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    listening[(conn.laddr.ip, conn.laddr.port)] = " ".join(proc.cmdline())
+        except psutil.Error:  # a worker that exited meanwhile
+            continue
+    ports = {port for _, port in listening}
+    http_port = int(server.url.rsplit(":", 1)[1])
+    assert {http_port, server.metrics_port} <= ports, f"the check did not see Serve's sockets: {sorted(listening)}"
+    exposed = {(ip, port): cmd for (ip, port), cmd in listening.items() if ip not in LOOPBACK}
+    not_replicas = {f"{ip}:{port}": cmd[:80] for (ip, port), cmd in exposed.items() if not cmd.startswith("ray::ServeReplica")}
+    assert not not_replicas, f"listening beyond loopback: {not_replicas}"
+    for (_, port), cmd in exposed.items():
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+            call = channel.unary_unary("/ray.serve.ASGIService/HandleRequest")
+            try:
+                call(b"", timeout=30)
+            except grpc.RpcError as e:
+                assert e.code() == grpc.StatusCode.UNAUTHENTICATED, f"{cmd[:60]} port {port}: {e.code()} {e.details()}"
+            else:
+                raise AssertionError(f"{cmd[:60]} port {port} answered a call without Ray's auth token")
