@@ -1,14 +1,18 @@
-"""The ingress's slot release against Serve's cancellation of child calls, made deterministic.
+"""The ingress's slot release against Serve's cancellation of a request's calls, made deterministic.
 
-When a request to a replica is cancelled (its HTTP client went away), Serve cancels every call that request
-made which is still waiting to be assigned to a downstream replica (`Replica._on_request_cancelled` ->
-the parent's `_requests_pending_assignment`). A release started in the cancelled request's `finally` is
-such a call. Over HTTP (test_hardening.py) that race is rarely lost: the router thread usually has not
-registered the release yet when the cancellation runs, so those tests pass on the old fire-and-forget
-release too. Here the release is held in assignment on purpose: the limiter deployment has ONE slot and
-a call occupies it, so the release is certainly pending when its parent request is cancelled. The old
-`self.limiter.release.remote(...)` is then lost (the slot stays taken until its lease expires); the
-ingress's `_release` (own task, empty context) survives.
+When a request to a replica is cancelled (its HTTP client went away), Serve cancels every call the request
+made that is still waiting to be assigned to a downstream replica (`Replica._on_request_cancelled` walks
+the request's `_requests_pending_assignment`). A release the request had started is such a call while the
+limiter is busy: a stream's `finally` releases the slot, and Starlette then still awaits sending the last
+body chunk, when a client that goes away cancels the request. Here the limiter's only slot is held on
+purpose, so the release is certainly pending when its request is cancelled: the old fire-and-forget
+`self.limiter.release.remote(...)` is then lost (the slot stays taken until its lease expires, 10 min);
+`Ingress._release` (own task, empty context, so no parent request) survives.
+
+A release started only after the cancellation (the `finally` of a cancelled request) is not at risk in
+Ray 2.60: user code runs on its own event-loop thread, and `_on_request_cancelled` has already run on the
+replica's main loop by the time that `finally` calls `.remote()`. That is why the disconnect tests over
+HTTP in test_hardening.py pass on the old code too.
 """
 
 import asyncio
@@ -31,8 +35,8 @@ class _HeldLimiter(TenantLimiter.func_or_class):
 
 
 class _Caller:
-    """A replica that gives a slot back through the real Ingress._release, then waits until cancelled,
-    as an ingress request does when its client disconnects."""
+    """A replica that gives a slot back through the real Ingress._release and is still running when its
+    caller goes away, as a stream is while its last chunk is sent."""
 
     _release = Ingress.func_or_class._release
     _release_now = Ingress.func_or_class._release_now
@@ -41,13 +45,8 @@ class _Caller:
         self.limiter, self._releases = limiter, set()
 
     async def release_then_wait(self, tenant: str, lease: str) -> None:
-        try:
-            await asyncio.sleep(3600)
-        finally:  # the ingress releases in `finally` while the CancelledError goes up
-            self._release(tenant, lease)
-            # ...and goes on with its cleanup (the streaming path writes its log line after the release): the
-            # thread lets go of the GIL and the router thread registers the release as pending assignment.
-            time.sleep(0.2)
+        self._release(tenant, lease)
+        await asyncio.sleep(3600)  # cancelled here
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +69,10 @@ def test_release_pending_assignment_survives_the_cancelled_request(handles):
     caller, limiter = handles
     assert _acquire(limiter, "first")  # the tenant's only slot
     assert not _acquire(limiter, "probe")  # taken
-    request = caller.release_then_wait.remote("solo", "first")
-    time.sleep(2)  # the caller is waiting
-    hold = limiter.hold.remote(4)  # the limiter's only slot is busy: a release now waits for assignment
+    hold = limiter.hold.remote(6)  # the limiter's only slot is busy: a release waits for assignment
     time.sleep(1)
+    request = caller.release_then_wait.remote("solo", "first")
+    time.sleep(2)  # the release is pending assignment, the request still runs
     request.cancel()  # the client went away: Serve cancels the request and its calls pending assignment
     with pytest.raises(Exception):
         request.result(timeout_s=30)
