@@ -1,7 +1,8 @@
-"""Ray Data pipeline: checked shard reads -> decode / augment / tokenize in map_batches -> worker shards.
+"""Ray Data pipeline: one map_batches task per shard reads it (checked) and decodes / augments / tokenizes
+its samples -> worker shards.
 
-Streaming: Ray Data reads one shard per block and backpressures, so memory does not grow with the
-number of shards. Shards come from local disk or straight from an object store (s3://..., data/store.py).
+Streaming: Ray Data runs one task per shard and backpressures, so memory does not grow with the number
+of shards. Shards come from local disk or straight from an object store (s3://..., data/store.py).
 Rows that cannot be used are not dropped silently: they stay in the stream with a `skip_code`, and the
 training loop counts them and leaves them out of the loss. That covers a shard deleted after the run
 started, a shard whose sha256 differs from the manifest (checked as it is read, so each byte is read once)
@@ -21,6 +22,7 @@ import math
 import tarfile
 import zlib
 from collections import defaultdict
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -150,18 +152,31 @@ def read_shard(entry: dict) -> list[dict]:
             for key in sorted(samples)]
 
 
-def read_shards(entries: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """map_batches form of read_shard (manifest entries as columns -> their samples as columns). A MapBatches,
-    not a flat_map, so Ray Data fuses it with the decode below: one task reads a shard and decodes it, and the
-    shard's raw bytes never pass through the object store (a flat_map stays a separate operator there)."""
-    rows = [row for path, sha, n in zip(entries["path"], entries["sha256"], entries["samples"])
-            for row in read_shard({"path": str(path), "sha256": str(sha), "samples": int(n)})]
+DECODE_ROWS = 32  # samples decoded per mapper call (and per yielded batch) inside a shard's task
+
+
+def _columns(rows: list[dict]) -> dict[str, np.ndarray]:
     columns = {}
     for name in rows[0]:
         column = np.empty(len(rows), dtype=np.int64 if name in ("shard_skip", "shard_samples") else object)
         column[:] = [r[name] for r in rows]  # bytes stay one object each (np.array would make them fixed-width)
         columns[name] = column
     return columns
+
+
+def read_and_map(entries: dict[str, np.ndarray], tokenizer_dir: str, spec: SampleSpec, weights: tuple,
+                 seed: int) -> Iterator[dict[str, np.ndarray]]:
+    """map_batches task over manifest entries (one per call): read and check the shard (read_shard), then
+    decode its samples DECODE_ROWS at a time (map_studies), yielding each batch.
+
+    One operator, one task per shard: the raw tar bytes never pass through Ray's object store. As two
+    operators, a flat_map reader stays apart from the decode (one more task and object-store round trip per
+    shard), and a map_batches reader is fused with a batch_size=32 decode into tasks that take 32 shards
+    each (Ray bundles the fused operator's input to the larger batch size), serialising the reads."""
+    for path, sha, n in zip(entries["path"], entries["sha256"], entries["samples"]):
+        rows = read_shard({"path": str(path), "sha256": str(sha), "samples": int(n)})
+        for start in range(0, len(rows), DECODE_ROWS):
+            yield map_studies(_columns(rows[start:start + DECODE_ROWS]), tokenizer_dir, spec, weights, seed)
 
 
 def shard_entries(cfg: Config, split: str) -> tuple[list[dict], dict[str, int]]:
@@ -189,12 +204,11 @@ def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool,
     ds = ray.data.from_items(entries, override_num_blocks=len(entries))  # one block per shard
     if augment and cfg.data.shuffle:  # a new shard order every epoch, reproducible from data.seed
         ds = ds.randomize_block_order(seed=RandomSeedConfig(seed=cfg.data.seed, reseed_after_execution=True))
-    ds = ds.map_batches(read_shards, batch_size=1, batch_format="numpy", num_cpus=0.25)  # fused with the decode
     ds = ds.map_batches(
-        map_studies,
+        read_and_map,
         # with data.sources: data.shards is where the mixture's joint tokenizer lives
         fn_kwargs={"tokenizer_dir": store.join(cfg.data.shards, "tokenizer"), "spec": spec,
                    "weights": tuple(sorted(cfg.data.tasks.items())), "seed": cfg.data.seed},
-        batch_size=32, batch_format="numpy", num_cpus=0.25,
+        batch_size=1, batch_format="numpy", num_cpus=0.25,  # one shard per task
     )
     return ds, skipped
