@@ -19,6 +19,7 @@ import torch
 from cxrfm.train.trainer import latest_checkpoint
 
 pytestmark = pytest.mark.slow
+REGISTERED = "cxr-e2e"  # the ZeRO-3 run registers its export under this name
 
 
 def _train(shards: Path, out: Path, *overrides: str, resume: str | None = None, wait: bool = True, cwd: Path | None = None):
@@ -65,8 +66,10 @@ def trained(small_shards, tmp_path_factory):
             # ZeRO-3 runs with relative paths from another working directory, as `cxrfm train` in a shell does
             # ZeRO-2 runs jobs/tiny.yaml's four tasks. ZeRO-3 runs the three language tasks: it gathers every
             # submodule's weights over gloo, and the UNet's hundreds of small modules make that minutes on 2 cores.
+            # ZeRO-3 also registers its export in the MLflow registry (test_train_registers_...).
             extra = [] if stage == 2 else ["model.diffusion.enabled=false",
-                                           "data.tasks={report: 0.5, vqa: 0.3, grounding: 0.2}"]
+                                           "data.tasks={report: 0.5, vqa: 0.3, grounding: 0.2}",
+                                           f"tracking.register_as={REGISTERED}"]
             output = _train(small_shards, out, f"deepspeed.stage={stage}", "train.max_steps=40",
                             "train.checkpoint_every=20", "train.warmup_steps=5", *extra)
             runs[stage] = (out, output)
@@ -113,6 +116,38 @@ def test_train_end_to_end_loss_falls_and_everything_is_recorded(trained, stage):
     assert (export / "tokenizer.json").is_file()
     # the export holds the trained weights: ZeRO-3 gathered them, nothing is an empty shard
     assert all(p.numel() > 0 and torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_train_registers_its_export_and_eval_attaches_its_metrics(trained, small_shards, tmp_path):
+    """tracking.register_as: the export becomes a registry version with the run's config and data summary;
+    `cxrfm eval` then tags that version with its metrics."""
+    import yaml
+    from mlflow.tracking import MlflowClient
+
+    out, output = trained(3)
+    state = _run(out)
+    assert f"registered {REGISTERED} version 1" in output
+    client = MlflowClient(tracking_uri=state["tracking_uri"], registry_uri=state["tracking_uri"])
+    [version] = client.search_model_versions(f"name='{REGISTERED}'")
+    assert version.run_id == state["mlflow_run_id"] and version.source == f"runs:/{state['mlflow_run_id']}/export"
+    config = yaml.safe_load(version.tags["cxrfm.config"])
+    assert config["deepspeed"]["stage"] == 3 and config["tracking"]["register_as"] == REGISTERED
+    data = json.loads(version.tags["cxrfm.data"])
+    manifest = json.loads((small_shards / "manifest.json").read_text())
+    assert data["train"]["studies"] == manifest["splits"]["train"]["studies"] > 0
+    assert set(data["train"]["tasks"]) >= {"report", "vqa"}
+
+    export = next(out.glob("*/export"))
+    metrics_file = tmp_path / "metrics.json"
+    r = subprocess.run([sys.executable, "-m", "cxrfm.cli", "eval", str(export), "--shards", str(small_shards),
+                        "--split", "test", "--tasks", "vqa", "--limit", "4", "--no-baselines", "--json", str(metrics_file)],
+                       capture_output=True, text=True, timeout=600, env={**os.environ, "RAY_ADDRESS": ""})
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert f"metrics attached to registered model {REGISTERED} version 1" in r.stdout
+    metrics = {k: v for k, v in json.loads(metrics_file.read_text()).items() if isinstance(v, (int, float))}
+    assert metrics, "cxrfm eval wrote no numeric metrics"
+    tags = client.get_model_version(REGISTERED, "1").tags
+    assert {k: float(tags[f"eval.test.{k}"]) for k in metrics} == pytest.approx(metrics)
 
 
 def test_resume_a_finished_run_continues_the_step_count(trained, small_shards):
