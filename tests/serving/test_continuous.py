@@ -81,3 +81,28 @@ def test_bad_input_fails_only_its_request(predictor):
     bad, ok = asyncio.run(run())
     assert isinstance(bad, ValueError) and "frontal or a lateral" in str(bad)
     assert ok.tokens == predictor.generate_batch([good], GenerationOptions(max_new_tokens=n))[0].tokens
+
+
+def test_arrivals_wait_to_be_prefilled_together_only_while_a_batch_runs(predictor):
+    """TGI's rule: an idle loop admits at once; a running batch takes arrivals once they are
+    waiting_served_ratio of it, once they would fill it, or once the oldest waited max_waiting_steps."""
+    from collections import deque
+
+    from cxrfm.serving.continuous import _Sequence
+
+    loop = DecodeLoop(predictor, max_batch_size=16, waiting_served_ratio=0.3, max_waiting_steps=4)
+    seq = lambda: _Sequence({}, 1, None, None)  # noqa: E731
+    loop.waiting = deque([seq()])
+    assert loop._admit_now()  # idle: no window
+    loop.running = [seq() for _ in range(10)]
+    assert not loop._admit_now()  # 1 waiting < 0.3 x 10 running
+    loop.waiting[0].waited = 4
+    assert loop._admit_now()  # waited long enough
+    loop.waiting = deque([seq() for _ in range(3)])
+    assert loop._admit_now()  # 3 >= 0.3 x 10: one prefill for the three
+    loop.running = [seq() for _ in range(14)]
+    loop.waiting = deque([seq(), seq()])
+    assert loop._admit_now()  # they fill the batch
+    loop.running = [seq() for _ in range(16)]
+    loop.waiting[0].waited = 100
+    assert not loop._admit_now()  # full: they wait for a sequence to leave
