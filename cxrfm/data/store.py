@@ -138,13 +138,10 @@ def upload_dir(local: Path, uri: str, last: tuple[str, ...] = ()) -> None:
         fs.put_file(str(p), f"{inner.rstrip('/')}/{rel}")
 
 
-def local_dir(uri: str) -> Path:
-    """A local copy of a small remote directory (the tokenizer: transformers loads from local files).
-
-    Copied into $CXRFM_CACHE (default ~/.cache/cxrfm) under the URI's hash, fetched again when any file
-    changed; a local path is returned as it is."""
+def read_dir(uri: str) -> dict[str, bytes]:
+    """The files directly under a small directory (a tokenizer), name -> contents; local or remote."""
     if not is_remote(uri):
-        return Path(uri)
+        return {p.name: p.read_bytes() for p in sorted(Path(uri).iterdir()) if p.is_file()}
     fs, inner = filesystem(uri)
     try:
         found = {Path(p).name: p for p in fs.ls(inner, detail=False, refresh=True)}
@@ -154,18 +151,33 @@ def local_dir(uri: str) -> Path:
         raise _explain(err, uri) from None
     if not found:
         raise FileNotFoundError(f"nothing at {uri}; build the shards there first: cxrfm data build --out {uri.rsplit('/', 1)[0]}")
-    contents = {name: fs.cat_file(path) for name, path in sorted(found.items())}
-    digest = hashlib.sha256(b"".join(hashlib.sha256(v).digest() for v in contents.values())).hexdigest()[:16]
+    return {name: fs.cat_file(path) for name, path in sorted(found.items())}
+
+
+def local_copy(files: dict[str, bytes], label: str = "files") -> Path:
+    """`files` (name -> contents) as a local directory: $CXRFM_CACHE (default ~/.cache/cxrfm)/remote/LABEL/DIGEST,
+    written once per machine (atomically: concurrent processes end with one whole copy) and reused while the
+    contents stay the same. Ray Data tasks get a tokenizer this way, with no store access of their own."""
+    digest = hashlib.sha256(b"".join(hashlib.sha256(k.encode() + b"\0" + v).digest()
+                                     for k, v in sorted(files.items()))).hexdigest()[:16]
     base = Path(os.environ.get(TOKENIZER_CACHE_ENV) or Path.home() / ".cache" / "cxrfm") / "remote"
-    target = base / hashlib.sha256(uri.encode()).hexdigest()[:16] / digest
+    target = base / label / digest
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
-    for name, data in contents.items():
+    for name, data in files.items():
         (tmp / name).write_bytes(data)
     try:
-        os.replace(tmp, target)  # atomic: concurrent workers on one node end with one whole copy
+        os.replace(tmp, target)
     except OSError:  # another process renamed its copy first
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def local_dir(uri: str) -> Path:
+    """A local copy of a small remote directory (the tokenizer: transformers loads from local files), fetched
+    again when any file changed (local_copy); a local path is returned as it is."""
+    if not is_remote(uri):
+        return Path(uri)
+    return local_copy(read_dir(uri), label=hashlib.sha256(uri.encode()).hexdigest()[:16])
