@@ -2,10 +2,13 @@
 
 1. Batching: one TextGenerator replica, the same deployment measured with continuous batching
    (iteration-level, at most N sequences per decode step), with request-level `@serve.batch`
-   (max_batch_size N, the previous mode) and with max_batch_size=1 (the baseline), alternating per
-   concurrency level in one run (switched live through the deployment's reconfigure). Each level sends a
-   fixed number of requests (and stops at a time cap): p50/p95/p99 latency, requests/s, the mean batch the
-   deployment actually ran (continuous: sequences per decode step), and errors.
+   (max_batch_size N, the previous mode) and with max_batch_size=1 (the baseline), switched live through
+   the deployment's reconfigure. On a shared machine the load of other work drifts within seconds, so each
+   level runs in rounds that cycle through the three modes, and every mode's numbers are pooled over the
+   rounds. A round of one mode: closed-loop clients for a warm-up (not counted: the switch, ramp-up), then
+   a measured window, then the clients stop (the drain is not counted). requests/s = answers completed in
+   the windows / their length (steady state); p50/p95/p99 over those answers; the mean batch the
+   deployment actually ran (continuous: sequences per decode step); errors.
 2. Autoscaling: the TextGenerator with min 1 / max N replicas under a load phase, then idle; prints
    the replica count over time (it should rise under load and fall back after it).
 
@@ -35,9 +38,9 @@ APP = "cxrfm-bench"
 def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--export", help="model export directory (default: an untrained tiny model, built once)")
     p.add_argument("--levels", default="1,4,16", help="client concurrency levels")
-    # Enough requests that ramp-up and drain (the first and last `level` requests) are a small part of a level.
-    p.add_argument("--requests", type=int, default=160, help="requests per level and mode (at least 8x the level)")
-    p.add_argument("--level-timeout-s", type=float, default=120.0, help="stop issuing requests after this long")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per level, each cycling through the three modes")
+    p.add_argument("--window-s", type=float, default=8.0, help="measured seconds per round and mode")
+    p.add_argument("--warmup-s", type=float, default=2.0, help="uncounted seconds before each window")
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-s", type=float, default=0.05)
     p.add_argument("--max-new-tokens", type=int, default=16)
@@ -93,6 +96,39 @@ async def load(url: str, key: str, body: dict, concurrency: int, total: int | No
             "p95": _percentile(latencies, 95) * 1e3, "p99": _percentile(latencies, 99) * 1e3}
 
 
+async def steady_load(url: str, key: str, body: dict, concurrency: int, warmup_s: float, window_s: float) -> dict:
+    """`concurrency` closed-loop clients for warmup_s + window_s; counts the answers that complete inside the
+    window (after the warm-up, before the clients stop), so ramp-up and drain are not in the numbers."""
+    import aiohttp
+
+    latencies, statuses, start = [], {}, time.perf_counter()
+    begin, end = start + warmup_s, start + warmup_s + window_s
+
+    async def client(session):
+        while time.perf_counter() < end:
+            t0 = time.perf_counter()
+            async with session.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
+                await r.read()
+                t1 = time.perf_counter()
+                if begin <= t1 <= end:
+                    statuses[r.status] = statuses.get(r.status, 0) + 1
+                    if r.status == 200:
+                        latencies.append(t1 - t0)
+
+    timeout = aiohttp.ClientTimeout(total=300)
+    async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    return {"latencies": latencies, "errors": sum(v for k, v in statuses.items() if k != 200), "wall": window_s}
+
+
+def _summary(parts: list[dict]) -> dict:
+    latencies = [x for p in parts for x in p["latencies"]]
+    wall = sum(p["wall"] for p in parts)
+    return {"ok": len(latencies), "errors": sum(p["errors"] for p in parts), "wall": wall, "rps": len(latencies) / wall,
+            "p50": _percentile(latencies, 50) * 1e3, "p95": _percentile(latencies, 95) * 1e3,
+            "p99": _percentile(latencies, 99) * 1e3}
+
+
 def _body(max_new_tokens: int) -> dict:
     import numpy as np
     from PIL import Image
@@ -129,19 +165,20 @@ def batching_table(args, url: str, key: str) -> list[dict]:
              (f"@serve.batch (max {args.max_batch_size})", "batch", args.max_batch_size),
              ("max_batch_size=1", "batch", 1))
     for level in [int(x) for x in args.levels.split(",")]:
-        for name, scheduler, size in modes:
-            handle.reconfigure.remote({"max_batch_size": size, "batch_wait_timeout_s": args.batch_wait_s,
-                                       "scheduler": scheduler}).result()
-            # Warm-up at this level and mode, not counted: the switch and the first batch's ramp-up.
-            asyncio.run(load(url, key, body, level, 2 * level, args.level_timeout_s))
-            handle.reset_stats.remote().result()
-            res = load(url, key, body, level, max(args.requests, 8 * level), args.level_timeout_s)
-            res = asyncio.run(res)
-            stats = handle.stats.remote().result()
-            sizes = stats["step_sizes"] if scheduler == "continuous" else stats["batch_sizes"]
-            rows.append({"level": level, "mode": name, "batch": sum(sizes) / max(1, len(sizes)), **res})
+        parts, sizes = {name: [] for name, _, _ in modes}, {name: [] for name, _, _ in modes}
+        for _ in range(args.rounds):
+            for name, scheduler, size in modes:
+                handle.reconfigure.remote({"max_batch_size": size, "batch_wait_timeout_s": args.batch_wait_s,
+                                           "scheduler": scheduler}).result()
+                handle.reset_stats.remote().result()  # the warm-up's batches are counted too: a small bias
+                parts[name].append(asyncio.run(steady_load(url, key, body, level, args.warmup_s, args.window_s)))
+                stats = handle.stats.remote().result()
+                sizes[name] += stats["step_sizes"] if scheduler == "continuous" else stats["batch_sizes"]
+        for name, _, _ in modes:
+            res = _summary(parts[name])
+            rows.append({"level": level, "mode": name, "batch": sum(sizes[name]) / max(1, len(sizes[name])), **res})
             print(f"  concurrency {level:>3}  {name:<22} {res['rps']:6.2f} req/s  p50 {res['p50']:7.0f} ms  "
-                  f"p95 {res['p95']:7.0f} ms", flush=True)
+                  f"p95 {res['p95']:7.0f} ms  ({res['ok']} answers)", flush=True)
     return rows
 
 
