@@ -1,13 +1,18 @@
 """`cxrfm bench data`: samples/s delivered to a training step and the fraction of wall time the step waits
-for data, for the Ray Data pipeline training uses (checked shard reads -> map_batches -> iter_torch_batches)
-and for `read_webdataset` -> the same map_batches, against a plain `webdataset.WebDataset` + torch
-`DataLoader` with the same number of CPU workers and the same decoding (cxrfm.data.pipeline's mapper), all
-in one run, from local disk and (with --store) from an object store.
+for data, for the Ray Data pipeline training uses (one task per shard reads it checked and decodes it ->
+Ray Train's streaming split -> the training loop's iter_batches) and for `read_webdataset` -> the same
+mapper, against a plain `webdataset.WebDataset` + torch `DataLoader` with the same number of CPU workers and
+the same decoding (cxrfm.data.pipeline's mapper), all in one run, from local disk and (with --store) from an
+object store. `ray-in-process` iterates training's dataset in the step's own process instead (Ray Data's
+executor then shares that process with the step), to show what consuming it that way costs.
 
 The step is the tiny model's real forward + backward + AdamW on one thread (a Ray Train worker's share of a
 2-core machine), or nothing (`--step none`: the loaders' ceiling). Each loader runs warm-up steps first (Ray
 start, worker start, tokenizer load are not counted) and crosses epochs the way training does: a new pass over
-the dataset when one ends.
+the dataset when one ends. Besides samples/s and wait it reports where the cores went: CPU ms per sample of
+the step's process and of the loader's other processes (DataLoader workers; Ray's daemons, tasks, actors).
+Other work on the machine moves the step's time, so `--repeat N` interleaves the loaders N times and the
+table shows medians.
 
 Presets: `tiny` (jobs/tiny.yaml: 128 px stored, 64 px decoded, ~30% of studies with a lateral, ~30% with a
 prior) and `heavy` (448 px stored and decoded, every study with frontal, lateral and prior).
@@ -29,6 +34,7 @@ import numpy as np
 
 from cxrfm.config import load_config
 
+LOADERS = ("ray", "ray-in-process", "ray-read-webdataset", "webdataset")
 PRESETS = {
     "tiny": {"overrides": [], "lateral": 0.3, "prior": 0.3},
     "heavy": {"overrides": ["data.image_size=448", "model.vision.image_size=448", "model.vision.patch_size=32"],
@@ -47,10 +53,15 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=40, help="timed steps per loader")
     p.add_argument("--warmup", type=int, default=5, help="untimed steps first")
     p.add_argument("--step", choices=["model", "none"], default="model", help="what consumes a batch")
-    p.add_argument("--prefetch", type=int, default=2, help="Ray Data prefetch_batches / DataLoader prefetch_factor")
+    p.add_argument("--prefetch", type=int, default=2, help="DataLoader prefetch_factor (Ray Data: training's "
+                   "data.prefetch_batches, vary it with --set data.prefetch_batches=N)")
+    p.add_argument("--repeat", type=int, default=1, help="run the loaders this many times, interleaved (A B C A B C), "
+                   "and report each loader's median: the machine's load drifts less between neighbours")
+    p.add_argument("--stats", action="store_true", help="print Ray Data's per-operator stats after each Ray loader")
     p.add_argument("--epochs", type=int, default=0, help="epochs per Ray Data execution (0: all the timed steps "
                    "need, as cxrfm train does; 1: a new execution every epoch)")
-    p.add_argument("--loaders", default="ray,ray-read-webdataset,webdataset", help="which loaders to run")
+    p.add_argument("--loaders", default="ray,ray-read-webdataset,webdataset", help=f"which loaders to run, of "
+                   f"{', '.join(LOADERS)} (ray-in-process: training's pipeline iterated in the step's process)")
     p.add_argument("--json", help="also write the results here")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return p
@@ -75,10 +86,36 @@ def _epochs(make: Callable[[], Iterator]) -> Iterator:
         yield from make()
 
 
+def _cpu_seconds() -> dict[int, float]:
+    """CPU seconds (user + system) so far of this process (pid 0 here: the step and the batch iterator's
+    threads) and of each of its descendants: the DataLoader's workers, or Ray's daemons, workers and actors."""
+    import psutil
+
+    me = psutil.Process()
+    seen = {}
+    for child in me.children(recursive=True):
+        try:
+            t = child.cpu_times()
+            seen[child.pid] = t.user + t.system
+        except psutil.Error:  # exited meanwhile
+            continue
+    t = me.cpu_times()
+    seen[0] = t.user + t.system
+    return seen
+
+
+def _cpu_used(before: dict[int, float], after: dict[int, float]) -> tuple[float, float]:
+    """(this process, its descendants) between two _cpu_seconds(); a process that started in between counts
+    from zero, one that exited in between is lost (so the loader's figure is a lower bound)."""
+    others = sum(cpu - before.get(pid, 0.0) for pid, cpu in after.items() if pid != 0)
+    return after[0] - before[0], others
+
+
 def measure(batches: Iterator, step: Callable, warmup: int, steps: int, batch: int) -> dict:
     for _ in range(warmup):
         step(next(batches))
     waits = []
+    cpu_before = _cpu_seconds()
     start = time.perf_counter()
     for _ in range(steps):
         t = time.perf_counter()
@@ -86,9 +123,13 @@ def measure(batches: Iterator, step: Callable, warmup: int, steps: int, batch: i
         waits.append(time.perf_counter() - t)
         step(b)
     wall = time.perf_counter() - start
+    own_cpu, loader_cpu = _cpu_used(cpu_before, _cpu_seconds())
     wait = sum(waits)
-    return {"samples_per_s": steps * batch / wall, "data_wait": wait / wall, "step_ms": 1000 * (wall - wait) / steps,
-            "worst_wait_s": max(waits), "wait_in_worst_3": sum(sorted(waits)[-3:]) / max(wait, 1e-9)}
+    samples = steps * batch
+    return {"samples_per_s": samples / wall, "data_wait": wait / wall, "step_ms": 1000 * (wall - wait) / steps,
+            "worst_wait_s": max(waits), "wait_in_worst_3": sum(sorted(waits)[-3:]) / max(wait, 1e-9),
+            # where the cores went: the step's process, and the loader's other processes, per sample delivered
+            "own_cpu_ms_per_sample": 1000 * own_cpu / samples, "loader_cpu_ms_per_sample": 1000 * loader_cpu / samples}
 
 
 def model_step(cfg, vocab: int) -> Callable:
@@ -110,25 +151,41 @@ def model_step(cfg, vocab: int) -> Callable:
     return step
 
 
-def ray_batches(cfg, args, vision: int, read_webdataset: bool) -> Iterator:
+def ray_batches(cfg, args, vision: int, read_webdataset: bool, in_process: bool = False) -> tuple[Iterator, object]:
+    """Batches as a Ray Train worker gets them: the ingest DataConfig's streaming split (the executor runs in
+    Ray's SplitCoordinator actor, not in the step's process) and the loop's iter_batches + torch.as_tensor.
+    `in_process`: iterate the dataset itself instead, so Ray Data's executor runs in the step's process (not
+    what training does; shows what that costs). Returns the batches and the iterator (its stats())."""
     import ray.data
+    import torch
 
     from cxrfm.data import store
     from cxrfm.data.pipeline import build_dataset, map_studies, shard_entries
     from cxrfm.data.samples import SampleSpec
+    from cxrfm.train.loop import batch_iterator
+    from cxrfm.train.trainer import data_config
 
+    entries, _ = shard_entries(cfg, "train")
     if read_webdataset:  # Ray's own reader -> the same map_batches (no checksums, no missing-shard handling)
-        entries, _ = shard_entries(cfg, "train")
         spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, vision, True)
         ds = ray.data.read_webdataset([e["path"] for e in entries], decoder=None, num_cpus=0.25).map_batches(
             map_studies, fn_kwargs={"tokenizer_dir": store.join(cfg.data.shards, "tokenizer"), "spec": spec,
                                     "weights": tuple(sorted(cfg.data.tasks.items())), "seed": cfg.data.seed},
             batch_size=32, batch_format="numpy", num_cpus=0.25)
     else:
-        entries, _ = shard_entries(cfg, "train")
         needed = (args.warmup + args.steps) * args.batch / max(1, sum(e["samples"] for e in entries))
         ds, _ = build_dataset(cfg, "train", vision, augment=True, epochs=args.epochs or max(1, math.ceil(needed)))
-    return _epochs(lambda: ds.iter_torch_batches(batch_size=args.batch, prefetch_batches=args.prefetch, drop_last=True))
+    if in_process:
+        shard = ds.iterator()
+    else:
+        [split] = data_config(cfg).configure({"train": ds}, world_size=1, worker_handles=None, worker_node_ids=None)
+        shard = split["train"]
+
+    def one_pass() -> Iterator[dict]:
+        for raw in batch_iterator(shard, cfg):
+            yield {k: torch.as_tensor(v) for k, v in raw.items()}
+
+    return _epochs(one_pass), shard
 
 
 class _Decode:
@@ -199,9 +256,12 @@ def _measure_loader(cfg_tree: dict, args: argparse.Namespace, loader: str, resul
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}})
         ray.data.DataContext.get_current().enable_progress_bars = False
         logging.getLogger("ray.data").setLevel(logging.WARNING)  # a table, not per-second progress lines
-        batches = ray_batches(cfg, args, vision, read_webdataset=loader == "ray-read-webdataset")
+        batches, shard = ray_batches(cfg, args, vision, read_webdataset=loader == "ray-read-webdataset",
+                                     in_process=loader == "ray-in-process")
         try:
             results.put(measure(batches, step, args.warmup, args.steps, args.batch))
+            if args.stats:
+                print(f"--- Ray Data stats ({loader}) ---\n{shard.stats()}", flush=True)
         finally:
             batches.close()  # ends the streaming execution before Ray goes
             ray.shutdown()
@@ -212,31 +272,46 @@ def _measure_loader(cfg_tree: dict, args: argparse.Namespace, loader: str, resul
 def run(cfg, args, label: str) -> list[dict]:
     import multiprocessing
 
+    loaders = args.loaders.split(",")
+    for loader in loaders:
+        if loader not in LOADERS:
+            raise SystemExit(f"unknown loader {loader!r}; choose from {', '.join(LOADERS)}")
     rows = []
     ctx = multiprocessing.get_context("spawn")
-    for loader in args.loaders.split(","):
-        if loader not in ("ray", "ray-read-webdataset", "webdataset"):
-            raise SystemExit(f"unknown loader {loader!r}; choose from ray, ray-read-webdataset, webdataset")
-        results = ctx.Queue()
-        proc = ctx.Process(target=_measure_loader, args=(cfg.dump(), args, loader, results))
-        proc.start()
-        proc.join()
-        if proc.exitcode != 0:
-            raise SystemExit(f"bench data: the {loader} loader failed (exit {proc.exitcode}); its error is above")
-        result = results.get()
-        rows.append({"source": label, "loader": loader, **result})
-        print(f"{label:<8} {loader:<22} {result['samples_per_s']:8.1f} samples/s  data wait {result['data_wait']:6.1%}"
-              f"  step {result['step_ms']:6.0f} ms  worst wait {result['worst_wait_s']:.2f} s "
-              f"({result['wait_in_worst_3']:.0%} of the wait in 3 batches)", flush=True)
+    for rep in range(args.repeat):
+        for loader in loaders:
+            results = ctx.Queue()
+            proc = ctx.Process(target=_measure_loader, args=(cfg.dump(), args, loader, results))
+            proc.start()
+            proc.join()
+            if proc.exitcode != 0:
+                raise SystemExit(f"bench data: the {loader} loader failed (exit {proc.exitcode}); its error is above")
+            result = results.get()
+            rows.append({"source": label, "loader": loader, "repeat": rep, "load_avg_1m": os.getloadavg()[0], **result})
+            print(f"{label:<8} {loader:<22} {result['samples_per_s']:8.1f} samples/s  data wait "
+                  f"{result['data_wait']:6.1%}  step {result['step_ms']:6.0f} ms  worst wait {result['worst_wait_s']:.2f} s "
+                  f"({result['wait_in_worst_3']:.0%} of the wait in 3 batches)  CPU ms/sample: own "
+                  f"{result['own_cpu_ms_per_sample']:.0f}, loader {result['loader_cpu_ms_per_sample']:.0f}  "
+                  f"load {os.getloadavg()[0]:.1f}", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| source | loader | samples/s | vs webdataset | data wait |", "|---|---|---:|---:|---:|"]
-    base = {r["source"]: r["samples_per_s"] for r in rows if r["loader"] == "webdataset"}
+    """One line per source and loader: the median over repeats (each loader's own step time shown, since the
+    step shares the cores with the loader's workers)."""
+    groups: dict[tuple[str, str], list[dict]] = {}
     for r in rows:
-        ratio = f"{r['samples_per_s'] / base[r['source']]:.2f}x" if r["source"] in base else "-"
-        lines.append(f"| {r['source']} | {r['loader']} | {r['samples_per_s']:.1f} | {ratio} | {r['data_wait']:.1%} |")
+        groups.setdefault((r["source"], r["loader"]), []).append(r)
+    med = {k: {m: float(np.median([r[m] for r in v])) for m in ("samples_per_s", "data_wait", "step_ms",
+                                                                "own_cpu_ms_per_sample", "loader_cpu_ms_per_sample")}
+           for k, v in groups.items()}
+    lines = ["| source | loader | runs | samples/s (median) | vs webdataset | data wait | step ms | "
+             "loader CPU ms/sample |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for (source, loader), m in med.items():
+        base = med.get((source, "webdataset"))
+        ratio = f"{m['samples_per_s'] / base['samples_per_s']:.2f}x" if base else "-"
+        lines.append(f"| {source} | {loader} | {len(groups[source, loader])} | {m['samples_per_s']:.1f} | {ratio} | "
+                     f"{m['data_wait']:.1%} | {m['step_ms']:.0f} | {m['loader_cpu_ms_per_sample']:.0f} |")
     return "\n".join(lines)
 
 
