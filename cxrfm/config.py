@@ -110,6 +110,10 @@ class VisionConfig(_Section):
 class ProjectorConfig(_Section):
     num_tokens: int = Field(16, ge=1, description="visual tokens per image fed to the LM")
     hidden_size: int = Field(256, ge=8)
+    # Learned embeddings added to every visual token: its cell of the pooled grid and its image's role
+    # (frontal, lateral, prior). A CNN's features carry no absolute position and the LM's RoPE only
+    # relative order, so without them "which side" and "which image" must be inferred from distances.
+    position_embedding: bool = False
 
 
 class LanguageConfig(_Section):

@@ -70,7 +70,8 @@ def features(model, images: np.ndarray, batch: int = 128) -> dict[str, torch.Ten
     for i in range(0, len(x), batch):
         patches = model.vision(x[i:i + batch].to(device))  # (b, P, Dv)
         out["vision_patches"].append(patches.float().flatten(1).cpu())
-        out["projector_tokens"].append(model.projector(patches).float().flatten(1).cpu())  # (b, N * D)
+        frontal = torch.zeros(len(patches), dtype=torch.long, device=device)  # ROLES.index("frontal")
+        out["projector_tokens"].append(model.projector(patches, frontal).float().flatten(1).cpu())  # (b, N * D)
     return {k: (torch.cat(v) if isinstance(v, list) else v) for k, v in out.items()}
 
 

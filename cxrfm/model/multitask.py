@@ -68,7 +68,8 @@ class MultitaskModel(nn.Module):
         emb = self.language.get_input_embeddings()(input_ids)  # (B, T, D)
         if patches is None:
             patches = self.vision(images[image_present])  # (n, P, Dv): present images, batch-major, role order
-        visual = self.projector(patches)  # (n, N, D)
+        roles = image_present.nonzero(as_tuple=True)[1]  # (n,): each present image's role, same order as patches
+        visual = self.projector(patches, roles)  # (n, N, D)
         slots = input_ids == self.image_token_id  # (B, T)
         if int(slots.sum()) != visual.shape[0] * visual.shape[1]:
             raise ValueError(

@@ -75,9 +75,10 @@ def test_mismatched_placeholders_are_rejected(batch):
         model(data["input_ids"][:2], data["attention_mask"][:2], data["images"][:2], present)
 
 
-def test_save_and_load_pretrained_round_trip(batch, tmp_path):
+@pytest.mark.parametrize("overrides", [[], ["model.projector.position_embedding=true"]])
+def test_save_and_load_pretrained_round_trip(batch, tmp_path, overrides):
     data, vocab = batch
-    cfg = load_config()
+    cfg = load_config(None, overrides)
     model = build_model(cfg, vocab).eval()
     model.save_pretrained(tmp_path, full_config=cfg)
     loaded = MultitaskModel.from_pretrained(tmp_path).eval()
