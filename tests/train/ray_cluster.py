@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +39,7 @@ class Node:
     proc: subprocess.Popen
     temp_dir: str
     resources: dict
+    lost: bool = False  # its raylet was killed on purpose (LocalCluster.lose); its processes stop at teardown
 
     def raylet_pid(self) -> int | None:
         import psutil
@@ -96,6 +98,15 @@ class LocalCluster:
     def add_node(self, name: str, num_cpus: float, resources: dict) -> Node:
         return self._start(name, ["--address", self.gcs_address], num_cpus, resources)
 
+    def lose(self, name: str) -> None:
+        """Kill the node's raylet (SIGKILL), as when a machine goes away; its worker processes exit when they
+        notice. The node stays in `nodes` (stopped at teardown) but is never used or started again."""
+        node = self.nodes[name]
+        pid = node.raylet_pid()
+        assert pid is not None, f"no raylet under {name}'s `ray start`: {self.log_tail(name)}"
+        os.kill(pid, signal.SIGKILL)
+        node.lost = True
+
     def alive_nodes(self) -> list:
         from ray.util.state import list_nodes
 
@@ -111,7 +122,7 @@ class LocalCluster:
             except Exception:  # noqa: BLE001 - the dashboard is not up yet
                 pass
             for node in self.nodes.values():
-                assert node.proc.poll() is None or node.name.endswith("-lost"), \
+                assert node.proc.poll() is None or node.lost, \
                     f"`ray start` of {node.name} exited: {self.log_tail(node.name)}"
             assert time.monotonic() < deadline, f"{count} Ray nodes not alive after {timeout} s: {self.log_tail('head')}"
             time.sleep(1)
