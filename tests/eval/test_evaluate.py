@@ -7,18 +7,14 @@ import numpy as np
 
 import mlflow
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from cxrfm.config import load_config
 from cxrfm.data.schema import Box, GroundedPhrase, ImageRef, Study, VQAPair
 from cxrfm.data.shards import write_shards
 from cxrfm.data.sources.boxes import iou as box_iou
 from cxrfm.eval.evaluate import evaluate, grounding_iou, log_to_mlflow
 from cxrfm.eval.ground_truth import iter_split, normalize_answer
 from cxrfm.eval.image_classifier import train_classifier
-from cxrfm.model.build import build_model
-from cxrfm.text.tokenizer import load_tokenizer
 
 
 def test_box_iou_and_grounding_iou():
@@ -28,16 +24,6 @@ def test_box_iou_and_grounding_iou():
     assert grounding_iou([], [(0, 0, 1, 1)]) == 0.0
     assert grounding_iou([(0, 0, 10, 10), (20, 20, 30, 30)], [(20, 20, 30, 30), (0, 0, 10, 10)]) == 1.0
     assert normalize_answer("  Yes. ") == "yes"
-
-
-@pytest.fixture(scope="module")
-def export(small_shards, tmp_path_factory):
-    cfg = load_config(None, [f"data.shards={small_shards}", "model.diffusion.image_size=16"])
-    tok = load_tokenizer(small_shards / "tokenizer")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("run") / "export"
-    build_model(cfg, len(tok)).save_pretrained(path, full_config=cfg, tokenizer=tok)
-    return path
 
 
 def test_evaluate_all_tasks_and_log_as_child_run(export, small_shards, tmp_path):

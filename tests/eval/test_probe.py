@@ -4,14 +4,10 @@ import json
 import subprocess
 import sys
 
-import pytest
 import torch
 
-from cxrfm.config import load_config
 from cxrfm.data.schema import ImageRef, Study, VQAPair
 from cxrfm.eval.probe import FEATURES, probe_accuracy, targets_of
-from cxrfm.model.build import build_model
-from cxrfm.text.tokenizer import load_tokenizer
 
 
 def _study(view, answers):
@@ -35,16 +31,6 @@ def test_probe_separates_a_linear_signal_and_not_noise():
     assert probe_accuracy(x[:300], y[:300], x[300:], y[300:]) > 0.85
     noise = torch.randn(400, 20, generator=g)
     assert probe_accuracy(noise[:300], y[:300], noise[300:], y[300:]) < 0.7
-
-
-@pytest.fixture(scope="module")
-def export(small_shards, tmp_path_factory):
-    cfg = load_config(None, [f"data.shards={small_shards}", "model.diffusion.image_size=16"])
-    tok = load_tokenizer(small_shards / "tokenizer")
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("run") / "export"
-    build_model(cfg, len(tok)).save_pretrained(path, full_config=cfg, tokenizer=tok)
-    return path
 
 
 def test_probe_cli_prints_every_feature_set(export, tmp_path):
