@@ -227,6 +227,11 @@ class ModelConfig(_Section):
     # from each current (non-prior) image's mean patch feature. Gives the encoder a direct signal from the
     # first step, so the LM has findings to read in its visual tokens early. 0 turns it off.
     finding_loss_weight: float = Field(0.0, ge=0)
+    # Auxiliary view loss: each image's view position (PA, AP, lateral; from the image's metadata, which every
+    # source records or cxrfm.data.views infers) predicted from its mean patch feature. Without it the view
+    # is a low-variance direction of the visual tokens that the LM's attention does not pick up (see the
+    # README's VQA diagnosis). 0 turns it off.
+    view_loss_weight: float = Field(0.0, ge=0)
     # How the answer-token loss of report, VQA and grounding rows is averaged. "token": one mean over every
     # answer token of the batch, so a 60-token report outweighs a 1-token "yes" 60 to 1 and short-answer tasks
     # get a sliver of the gradient. "task": each task's own token mean, weighted by its share of the batch's

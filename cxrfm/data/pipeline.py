@@ -59,6 +59,7 @@ class StudyToExample:
             "images": np.zeros((len(ROLES), s.image_size, s.image_size), np.uint8),
             "image_present": np.zeros(len(ROLES), bool),
             "findings": np.full(len(CHEXPERT_LABELS), -1.0, np.float32),
+            "views": np.full(len(ROLES), -1, np.int64),
         }, SKIP_REASONS.index(code)
 
     def _one(self, key: str, row: dict, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int, int, bool]:
@@ -88,7 +89,8 @@ class StudyToExample:
         self.calls += 1
         columns = {c: batch[c] for c in batch if not c.startswith("__") and c not in ("shard_skip", "shard_samples")}
         shard_skip = batch.get("shard_skip", np.zeros(len(keys), np.int64))
-        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "attention_mask", "images", "image_present", "findings")}
+        out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "attention_mask", "images", "image_present", "findings",
+                                                 "views")}
         skip, task, trunc = [], [], []
         for i, key in enumerate(keys):
             row = {c: v[i] for c, v in columns.items() if not (isinstance(v[i], float) and math.isnan(v[i]))}

@@ -108,6 +108,19 @@ def finding_targets(study: Study) -> np.ndarray:
     return np.array([1.0 if v == 1 else (-1.0 if v == -1 else 0.0) for v in values], np.float32)
 
 
+VIEW_CLASSES: tuple[str, ...] = ("PA", "AP", "LATERAL")  # the auxiliary view loss's classes; "LL" counts as LATERAL
+
+
+def view_targets(study: Study, present: np.ndarray) -> np.ndarray:
+    """(3,) int64 per role slot: the index of its image's view in VIEW_CLASSES, -1 where no image is shown."""
+    out = np.full(len(ROLES), -1, np.int64)
+    for i, role in enumerate(ROLES):
+        ref = study.image(role)
+        if present[i] and ref is not None:
+            out[i] = VIEW_CLASSES.index("LATERAL" if ref.view == "LL" else ref.view)
+    return out
+
+
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """PNG/JPEG bytes -> (size, size) uint8 grayscale. Raises on corrupt data."""
     with Image.open(io.BytesIO(data)) as im:
@@ -164,5 +177,6 @@ def encode_example(study: Study, task: str, images: dict[str, np.ndarray], token
         "images": stack,
         "image_present": present,
         "findings": finding_targets(study),
+        "views": view_targets(study, present),
     }
     return example, truncated

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cxrfm.config import Config, ModelConfig
-from cxrfm.data.samples import ALL_TASKS, IGNORE, LM_TASKS, ROLES
+from cxrfm.data.samples import ALL_TASKS, IGNORE, LM_TASKS, ROLES, VIEW_CLASSES
 from cxrfm.data.schema import CHEXPERT_LABELS
 from cxrfm.model.diffusion import DiffusionDecoder, pack_tokens
 from cxrfm.model.heads import LMHead, swap_rmsnorm
@@ -52,6 +52,7 @@ class MultitaskModel(nn.Module):
         self.projector = Projector(cfg.projector, cfg.vision.hidden_size, cfg.language.hidden_size)
         # Auxiliary head: CheXpert observations from pooled patch features (training signal only).
         self.finding_head = nn.Linear(cfg.vision.hidden_size, len(CHEXPERT_LABELS)) if cfg.finding_loss_weight > 0 else None
+        self.view_head = nn.Linear(cfg.vision.hidden_size, len(VIEW_CLASSES)) if cfg.view_loss_weight > 0 else None
 
     def enable_activation_checkpointing(self) -> None:
         for part in (self.language, self.vision.backbone):
@@ -78,10 +79,11 @@ class MultitaskModel(nn.Module):
             )
         return emb.masked_scatter(slots.unsqueeze(-1), visual.to(emb.dtype))
 
-    def forward(self, input_ids, attention_mask, images, image_present, labels=None, task=None, findings=None) -> dict:
+    def forward(self, input_ids, attention_mask, images, image_present, labels=None, task=None, findings=None,
+                views=None) -> dict:
         """Without labels: logits (B, T, V). With labels: the mean answer-token loss and, given `task`,
         per-task loss sums and token counts. Logits are then computed at answer positions only.
-        `findings` (B, 14) feeds the auxiliary finding loss when the model has that head."""
+        `findings` (B, 14) and `views` (B, 3) feed the auxiliary finding and view losses when the model has those heads."""
         patches = self.vision(images[image_present])  # (n, P, Dv)
         embeds = self.embed(input_ids, images, image_present, patches)
         hidden = self.language.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
@@ -112,6 +114,8 @@ class MultitaskModel(nn.Module):
             out["loss"] = out["loss"] + self._generate_loss(hidden, attention_mask, images, task, out)
         if self.finding_head is not None:
             out["loss"] = out["loss"] + self._finding_loss(patches, image_present, findings, out)
+        if self.view_head is not None:
+            out["loss"] = out["loss"] + self._view_loss(patches, image_present, views, out)
         return out
 
     def _finding_loss(self, patches, image_present, findings, out: dict) -> torch.Tensor:
@@ -130,6 +134,19 @@ class MultitaskModel(nn.Module):
         out["loss_sum/findings"] = loss.detach() * n
         out["tokens/findings"] = n
         return self.cfg.finding_loss_weight * loss
+
+    def _view_loss(self, patches, image_present, views, out: dict) -> torch.Tensor:
+        """Mean cross-entropy of each shown image's view from its mean patch feature; -1 (unknown) does not
+        count. Runs on every step like the finding loss (ZeRO-3 gathers the head on all ranks together)."""
+        logits = self.view_head(patches.mean(dim=1)).float()  # (n, 3)
+        rows, roles = image_present.nonzero(as_tuple=True)  # (n,), (n,): same order as the patches
+        target = views[rows, roles] if views is not None else rows.new_full(rows.shape, -1)  # (n,)
+        n = (target >= 0).sum()
+        loss = F.cross_entropy(logits, target.clamp(min=0), reduction="none")[target >= 0].sum() / n.clamp(min=1)
+        loss = loss + 0.0 * logits.sum()  # a graph through the head even with nothing to count
+        out["loss_sum/views"] = loss.detach() * n
+        out["tokens/views"] = n
+        return self.cfg.view_loss_weight * loss
 
     def _generate_loss(self, hidden, attention_mask, images, task, out: dict) -> torch.Tensor:
         """Diffusion loss of the `generate` rows. Their prompt is text only (no image placeholders), so the

@@ -26,7 +26,7 @@ from cxrfm.data.pipeline import SKIP_REASONS
 from cxrfm.data.samples import ALL_TASKS, LM_TASKS
 
 TAG_PREFIX = "step"
-LOGGED = ALL_TASKS + ("findings",)  # per-task losses, and the auxiliary finding loss
+LOGGED = ALL_TASKS + ("findings", "views")  # per-task losses, and the auxiliary finding and view losses
 
 
 def _resume_step(engine, checkpoint) -> int:
@@ -66,6 +66,7 @@ class _Window:
 
     # tokens/generate counts images (its loss is a per-image diffusion MSE, not a token cross-entropy)
     # findings: the auxiliary vision loss (model.finding_loss_weight); its count is labeled observations
+    # views: the auxiliary view loss (model.view_loss_weight); its count is images with a known view
     KEYS = ([f"loss_sum/{t}" for t in LOGGED] + [f"tokens/{t}" for t in LOGGED]
             + ["samples", "rows", "seq_tokens", "truncated", "wait_s", "step_s"] + [f"skipped/{r}" for r in SKIP_REASONS[1:]])
 
@@ -183,7 +184,8 @@ def train_loop_per_worker(config: dict) -> None:
                 window.sums[f"skipped/{SKIP_REASONS[skip[i]]}"] += 1 if counts is None else int(counts[i])
             batch = _to_device(raw, device)
             result = engine(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_present"],
-                            labels=batch["labels"], task=batch["task"], findings=batch.get("findings"))
+                            labels=batch["labels"], task=batch["task"], findings=batch.get("findings"),
+                            views=batch.get("views"))
             boundary = engine.is_gradient_accumulation_boundary()  # before step() advances the micro-step
             engine.backward(result["loss"])
             engine.step()

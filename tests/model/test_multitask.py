@@ -233,3 +233,29 @@ def test_lm_loss_average(batch, average):
     else:
         expected = sum(means[t] * rows[t] for t in LM_TASKS) / sum(rows.values())
     assert float(out["loss"]) == pytest.approx(expected, rel=1e-5)
+
+
+def test_view_loss_counts_shown_images_with_a_known_view(batch):
+    """The view head sees every shown image (priors too: a view is a property of the image), targets come from
+    each image's metadata, unknown views (-1) do not count, and its gradient reaches the vision encoder."""
+    from cxrfm.data.samples import VIEW_CLASSES
+
+    data, vocab = batch
+    model = build_model(load_config(None, ["model.view_loss_weight=1.0"]), vocab)
+    present, views = data["image_present"], data["views"]
+    assert ((views >= 0) == present).all(), "every shown phantom image has a known view"
+    assert set(views[present].tolist()) <= set(range(len(VIEW_CLASSES)))
+    unknown = views.clone()
+    unknown[0] = -1
+    args = (data["input_ids"], data["attention_mask"], data["images"], present)
+    out = model(*args, labels=data["labels"], task=data["task"], views=unknown)
+    assert int(out["tokens/views"]) == int(present.sum()) - int(present[0].sum())
+    assert abs(float(out["loss_sum/views"]) / int(out["tokens/views"]) - np.log(len(VIEW_CLASSES))) < 0.5
+    out["loss"].backward()
+    assert model.view_head.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
+    with torch.no_grad():  # no view known: nothing counted, the loss is the plain model's
+        none = model(*args, labels=data["labels"], task=data["task"], views=torch.full_like(views, -1))
+        base = model(*args, labels=data["labels"], task=data["task"], views=None)
+    assert int(none["tokens/views"]) == 0
+    torch.testing.assert_close(none["loss"], base["loss"])
