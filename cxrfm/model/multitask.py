@@ -141,9 +141,10 @@ class MultitaskModel(nn.Module):
         logits = self.view_head(patches.mean(dim=1)).float()  # (n, 3)
         rows, roles = image_present.nonzero(as_tuple=True)  # (n,), (n,): same order as the patches
         target = views[rows, roles] if views is not None else rows.new_full(rows.shape, -1)  # (n,)
-        n = (target >= 0).sum()
-        loss = F.cross_entropy(logits, target.clamp(min=0), reduction="none")[target >= 0].sum() / n.clamp(min=1)
-        loss = loss + 0.0 * logits.sum()  # a graph through the head even with nothing to count
+        known = target >= 0  # (n,)
+        n = known.sum()
+        # masked rather than indexed: the head stays in the graph (0 x its output) with nothing to count
+        loss = (F.cross_entropy(logits, target.clamp(min=0), reduction="none") * known).sum() / n.clamp(min=1)
         out["loss_sum/views"] = loss.detach() * n
         out["tokens/views"] = n
         return self.cfg.view_loss_weight * loss
