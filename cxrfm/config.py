@@ -54,6 +54,8 @@ class DataConfig(_Section):
     shard_size: int = Field(100, ge=1, description="studies per shard")
     seed: int = 0
     max_seq_len: int = Field(192, ge=16, description="tokens per sample, prompt + answer")
+    max_turns: int = Field(1, ge=1, description="VQA / grounding: up to this many of a study's (question, answer) "
+                           "pairs per example, as a multi-turn conversation about the same images")
     # How often each task is drawn for a study. Tasks the data cannot serve are skipped and counted.
     tasks: dict[str, float] = Field(default_factory=lambda: {"report": 0.5, "vqa": 0.3, "grounding": 0.2})
     verify_shards: bool = Field(True, description="check shard sha256 against the manifest before training")

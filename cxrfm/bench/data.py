@@ -168,7 +168,7 @@ def ray_batches(cfg, args, vision: int, read_webdataset: bool, in_process: bool 
 
     entries, _ = shard_entries(cfg, "train")
     if read_webdataset:  # Ray's own reader -> the same map_batches (no checksums, no missing-shard handling)
-        spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, vision, True)
+        spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, vision, True, cfg.data.max_turns)
         ds = ray.data.read_webdataset([e["path"] for e in entries], decoder=None, num_cpus=0.25).map_batches(
             map_studies, fn_kwargs={"tokenizer_dir": store.join(cfg.data.shards, "tokenizer"), "spec": spec,
                                     "weights": tuple(sorted(cfg.data.tasks.items())), "seed": cfg.data.seed},
@@ -229,7 +229,7 @@ def webdataset_batches(cfg, args, vision: int) -> Iterator:
 
     entries, _ = shard_entries(cfg, "train")
     _register_store_schemes()
-    spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, vision, True)
+    spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, vision, True, cfg.data.max_turns)
     decode = _Decode(store.join(cfg.data.shards, "tokenizer"), spec, tuple(sorted(cfg.data.tasks.items())), cfg.data.seed)
     ds = wds.WebDataset([e["path"] for e in entries], shardshuffle=False, empty_check=False).map(decode)
     loader = torch.utils.data.DataLoader(ds, batch_size=args.batch, num_workers=args.workers, drop_last=True,

@@ -12,8 +12,13 @@
 2. Autoscaling: the TextGenerator with min 1 / max N replicas under a load phase, then idle; prints
    the replica count over time (it should rise under load and fall back after it).
 
-Everything runs on a private local Ray instance (`address="local"`) bound to 127.0.0.1. Without
---export, an untrained tiny model is built: generation cost is real, the text is noise.
+Requests carry synthetic phantom studies (`--images phantom`, a pool of different frontal films cycled
+through, so answers differ in length as real reports do) or one noise image (`--images noise`). Without
+--export, an untrained tiny model is built: generation cost is real, the text is noise and every answer runs
+to max_new_tokens. With a trained export, answers end at EOS: the table's tokens/answer says how long they
+were.
+
+Everything runs on a private local Ray instance (`address="local"`) bound to 127.0.0.1.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import argparse
 import asyncio
 import base64
 import io
+import json
 import os
 import platform
 import shutil
@@ -44,6 +50,8 @@ def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--max-batch-size", type=int, default=16)
     p.add_argument("--batch-wait-s", type=float, default=0.05)
     p.add_argument("--max-new-tokens", type=int, default=16)
+    p.add_argument("--images", choices=("phantom", "noise"), default="phantom",
+                   help="request images: a pool of synthetic phantom studies, or one noise image")
     p.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of a TextGenerator replica")
     p.add_argument("--replica-gpus", type=float, default=0.0, help="num_gpus of a TextGenerator replica (0: none)")
     p.add_argument("--device", default="auto", help="app arg device of the replicas: auto, cpu, cuda")
@@ -96,47 +104,70 @@ async def load(url: str, key: str, body: dict, concurrency: int, total: int | No
             "p95": _percentile(latencies, 95) * 1e3, "p99": _percentile(latencies, 99) * 1e3}
 
 
-async def steady_load(url: str, key: str, body: dict, concurrency: int, warmup_s: float, window_s: float) -> dict:
-    """`concurrency` closed-loop clients for warmup_s + window_s; counts the answers that complete inside the
-    window (after the warm-up, before the clients stop), so ramp-up and drain are not in the numbers."""
+async def steady_load(url: str, key: str, bodies: list[dict], concurrency: int, warmup_s: float,
+                      window_s: float) -> dict:
+    """`concurrency` closed-loop clients for warmup_s + window_s, each cycling through `bodies` from its own
+    offset; counts the answers that complete inside the window (after the warm-up, before the clients stop),
+    so ramp-up and drain are not in the numbers."""
     import aiohttp
 
-    latencies, statuses, start = [], {}, time.perf_counter()
+    latencies, tokens, statuses, start = [], [], {}, time.perf_counter()
     begin, end = start + warmup_s, start + warmup_s + window_s
 
-    async def client(session):
+    async def client(session, offset: int):
+        n = offset
         while time.perf_counter() < end:
             t0 = time.perf_counter()
-            async with session.post(url, json=body, headers={"Authorization": f"Bearer {key}"}) as r:
-                await r.read()
+            n += 1
+            async with session.post(url, json=bodies[n % len(bodies)],
+                                    headers={"Authorization": f"Bearer {key}"}) as r:
+                payload = await r.read()
                 t1 = time.perf_counter()
                 if begin <= t1 <= end:
                     statuses[r.status] = statuses.get(r.status, 0) + 1
                     if r.status == 200:
                         latencies.append(t1 - t0)
+                        tokens.append(json.loads(payload).get("tokens", 0))
 
     timeout = aiohttp.ClientTimeout(total=300)
     async with aiohttp.ClientSession(timeout=timeout, connector=aiohttp.TCPConnector(limit=concurrency)) as session:
-        await asyncio.gather(*(client(session) for _ in range(concurrency)))
-    return {"latencies": latencies, "errors": sum(v for k, v in statuses.items() if k != 200), "wall": window_s}
+        await asyncio.gather(*(client(session, i * len(bodies) // concurrency) for i in range(concurrency)))
+    return {"latencies": latencies, "tokens": tokens, "errors": sum(v for k, v in statuses.items() if k != 200), "wall": window_s}
 
 
 def _summary(parts: list[dict]) -> dict:
     latencies = [x for p in parts for x in p["latencies"]]
+    tokens = [x for p in parts for x in p["tokens"]]
     wall = sum(p["wall"] for p in parts)
-    return {"ok": len(latencies), "errors": sum(p["errors"] for p in parts), "wall": wall, "rps": len(latencies) / wall,
+    return {"tokens": sum(tokens) / max(1, len(tokens)), "ok": len(latencies), "errors": sum(p["errors"] for p in parts), "wall": wall, "rps": len(latencies) / wall,
             "p50": _percentile(latencies, 50) * 1e3, "p95": _percentile(latencies, 95) * 1e3,
             "p99": _percentile(latencies, 99) * 1e3}
 
 
-def _body(max_new_tokens: int) -> dict:
-    import numpy as np
+def _png_b64(image) -> str:
     from PIL import Image
 
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8)).save(buf, format="PNG")
-    return {"images": {"frontal": base64.b64encode(buf.getvalue()).decode()}, "indication": "cough",
-            "max_new_tokens": max_new_tokens}
+    Image.fromarray(image).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _body(max_new_tokens: int) -> dict:
+    import numpy as np
+
+    noise = np.random.default_rng(0).integers(0, 255, (256, 256), dtype=np.uint8)
+    return {"images": {"frontal": _png_b64(noise)}, "indication": "cough", "max_new_tokens": max_new_tokens}
+
+
+def _bodies(args) -> list[dict]:
+    """The requests the clients cycle through: one noise image, or 48 phantom studies' frontal films."""
+    if args.images == "noise":
+        return [_body(args.max_new_tokens)]
+    from cxrfm.data.synthetic import generate_studies
+
+    return [{"images": {"frontal": _png_b64(images["frontal"])}, "indication": "cough",
+             "max_new_tokens": args.max_new_tokens}
+            for _, images in generate_studies(num_studies=48, image_size=256, seed=1)]
 
 
 def _deploy(args, export: str, store: str, autoscaling: dict | None) -> None:
@@ -159,8 +190,8 @@ def batching_table(args, url: str, key: str) -> list[dict]:
     from ray import serve
 
     handle = serve.get_deployment_handle("TextGenerator", APP)
-    body, rows = _body(args.max_new_tokens), []
-    asyncio.run(load(url, key, body, 2, 4, 60))  # warm-up: first-call costs out of the table
+    bodies, rows = _bodies(args), []
+    asyncio.run(load(url, key, bodies[0], 2, 4, 60))  # warm-up: first-call costs out of the table
     modes = ((f"continuous (max {args.max_batch_size})", "continuous", args.max_batch_size),
              (f"@serve.batch (max {args.max_batch_size})", "batch", args.max_batch_size),
              ("max_batch_size=1", "batch", 1))
@@ -171,26 +202,26 @@ def batching_table(args, url: str, key: str) -> list[dict]:
                 handle.reconfigure.remote({"max_batch_size": size, "batch_wait_timeout_s": args.batch_wait_s,
                                            "scheduler": scheduler}).result()
                 handle.reset_stats.remote().result()  # the warm-up's batches are counted too: a small bias
-                parts[name].append(asyncio.run(steady_load(url, key, body, level, args.warmup_s, args.window_s)))
+                parts[name].append(asyncio.run(steady_load(url, key, bodies, level, args.warmup_s, args.window_s)))
                 stats = handle.stats.remote().result()
                 sizes[name] += stats["step_sizes"] if scheduler == "continuous" else stats["batch_sizes"]
         for name, _, _ in modes:
             res = _summary(parts[name])
             rows.append({"level": level, "mode": name, "batch": sum(sizes[name]) / max(1, len(sizes[name])), **res})
             print(f"  concurrency {level:>3}  {name:<22} {res['rps']:6.2f} req/s  p50 {res['p50']:7.0f} ms  "
-                  f"p95 {res['p95']:7.0f} ms  ({res['ok']} answers)", flush=True)
+                  f"p95 {res['p95']:7.0f} ms  ({res['ok']} answers, {res['tokens']:.1f} tokens each)", flush=True)
     return rows
 
 
 def print_table(rows: list[dict]) -> None:
     print(f"\n{'conc':>4} | {'mode':<22} | {'ok':>4} | {'err':>3} | {'req/s':>6} | {'p50 ms':>7} | {'p95 ms':>7} | "
-          f"{'p99 ms':>7} | {'mean batch':>10} | {'req/s vs max_batch_size=1':>25}")
-    print("-" * 122)
+          f"{'p99 ms':>7} | {'tokens/answer':>13} | {'mean batch':>10} | {'req/s vs max_batch_size=1':>25}")
+    print("-" * 138)
     base = {r["level"]: r["rps"] for r in rows if r["mode"] == "max_batch_size=1"}
     for r in rows:
         ratio = r["rps"] / base[r["level"]] if base.get(r["level"]) else float("nan")
         print(f"{r['level']:>4} | {r['mode']:<22} | {r['ok']:>4} | {r['errors']:>3} | {r['rps']:>6.2f} | {r['p50']:>7.0f} | "
-              f"{r['p95']:>7.0f} | {r['p99']:>7.0f} | {r['batch']:>10.2f} | {ratio:>24.2f}x")
+              f"{r['p95']:>7.0f} | {r['p99']:>7.0f} | {r['tokens']:>13.1f} | {r['batch']:>10.2f} | {ratio:>24.2f}x")
 
 
 def replica_count() -> dict[str, int]:

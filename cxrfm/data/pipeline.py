@@ -206,7 +206,8 @@ def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool,
     from ray.data._internal.random_config import RandomSeedConfig
 
     entries, skipped = shard_entries(cfg, split)  # one source, or several drawn by weight (data/mixture.py)
-    spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, num_image_tokens, augment)
+    spec = SampleSpec(cfg.data.max_seq_len, cfg.model.vision.image_size, num_image_tokens, augment,
+                      cfg.data.max_turns)
     entries = entries * epochs
     ds = ray.data.from_items(entries, override_num_blocks=len(entries))  # one block per shard
     if augment and cfg.data.shuffle:  # a new shard order every epoch, reproducible from data.seed

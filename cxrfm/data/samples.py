@@ -5,6 +5,11 @@ Sequence layout (one row, padded to `max_seq_len`):
     <bos> <frontal> <image>*N [<lateral> <image>*N] [<prior> <image>*N] <task_x> prompt  | answer <eos> <pad>...
     labels: -100 .................................................................... | answer <eos>  -100...
 
+A VQA or grounding example can carry more turns about the same images (`SampleSpec.max_turns`, as
+multi-turn instruction data does): each further turn is `<task_x> prompt | answer <eos>`, labelled the same
+way, in random order, as many whole turns as fit. The first turn is exactly the single-turn layout, which
+is what generation and evaluation prompt with.
+
 Images appear in the fixed role order frontal, lateral, prior; the model fills the `<image>`
 positions with visual tokens in exactly that order (row-major over the batch).
 """
@@ -32,6 +37,7 @@ class SampleSpec:
     image_size: int  # side the vision encoder takes
     num_image_tokens: int  # visual tokens per image
     augment: bool = False
+    max_turns: int = 1  # VQA / grounding: (prompt, answer) pairs of the study per example
 
 
 def available_tasks(study: Study) -> list[str]:
@@ -67,19 +73,32 @@ def report_prompt(indication: str, has_prior: bool) -> str:
 
 
 def prompt_and_answer(study: Study, task: str, rng: np.random.Generator) -> tuple[str, str]:
+    return turns(study, task, rng, 1)[0]
+
+
+def turns(study: Study, task: str, rng: np.random.Generator, max_turns: int) -> list[tuple[str, str]]:
+    """The (prompt, answer) pairs of one example. Report and generate have one; VQA and grounding draw up
+    to `max_turns` of the study's pairs without repeats, in random order."""
     if task == "report":
-        return report_prompt(study.indication, study.image("prior") is not None), study.report
-    if task == "vqa":
-        qa = study.vqa[rng.integers(len(study.vqa))]
-        return qa.question, qa.answer
-    if task == "grounding":
-        gp = study.grounding[rng.integers(len(study.grounding))]
-        ref = study.image(gp.image_role)
-        locs = "".join(box_to_loc_tokens((b.x1, b.y1, b.x2, b.y2), ref.width, ref.height) for b in gp.boxes)
-        return gp.phrase, locs
+        return [(report_prompt(study.indication, study.image("prior") is not None), study.report)]
     if task == "generate":
-        return study.report, ""  # the LM reads the report; the diffusion decoder draws the frontal image
+        return [(study.report, "")]  # the LM reads the report; the diffusion decoder draws the frontal image
+    if task == "vqa":
+        return [(qa.question, qa.answer) for qa in _draw(study.vqa, rng, max_turns)]
+    if task == "grounding":
+        out = []
+        for gp in _draw(study.grounding, rng, max_turns):
+            ref = study.image(gp.image_role)
+            out.append((gp.phrase, "".join(box_to_loc_tokens((b.x1, b.y1, b.x2, b.y2), ref.width, ref.height)
+                                           for b in gp.boxes)))
+        return out
     raise ValueError(f"unknown task {task!r}; allowed: {list(ALL_TASKS)}")
+
+
+def _draw(items: list, rng: np.random.Generator, k: int) -> list:
+    if k <= 1:  # one draw, as before multi-turn examples existed: the same seed gives the same examples
+        return [items[rng.integers(len(items))]]
+    return [items[i] for i in rng.permutation(len(items))[:k]]
 
 
 def prompt_ids(tokenizer, roles: list[str], task: str, prompt: str, num_image_tokens: int) -> list[int]:
@@ -142,7 +161,7 @@ def augment(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 def encode_example(study: Study, task: str, images: dict[str, np.ndarray], tokenizer, spec: SampleSpec,
                    rng: np.random.Generator) -> tuple[dict[str, np.ndarray], bool]:
     """Token ids, labels and the (3, S, S) image stack for one example. Returns (example, truncated)."""
-    prompt, answer = prompt_and_answer(study, task, rng)
+    (prompt, answer), *more = turns(study, task, rng, spec.max_turns)
     vocab = tokenizer.get_vocab()
     present = np.zeros(len(ROLES), dtype=bool)
     stack = np.zeros((len(ROLES), spec.image_size, spec.image_size), dtype=np.uint8)
@@ -169,6 +188,12 @@ def encode_example(study: Study, task: str, images: dict[str, np.ndarray], token
         answer_ids = answer_ids[: budget - len(prefix)]
     ids = prefix + answer_ids
     labels = [IGNORE] * len(prefix) + answer_ids
+    for more_prompt, more_answer in more:  # further turns: whole ones only, while they fit
+        head = [vocab[TASK_TOKENS[task]]] + tokenizer.encode(more_prompt, add_special_tokens=False)
+        tail = tokenizer.encode(more_answer, add_special_tokens=False) + [vocab[EOS]]
+        if truncated or len(ids) + len(head) + len(tail) > budget:
+            break
+        ids, labels = ids + head + tail, labels + [IGNORE] * len(head) + tail
     pad = budget - len(ids)
     example = {
         "input_ids": np.array(ids + [vocab[PAD]] * pad, dtype=np.int64),
