@@ -182,29 +182,40 @@ class DecodeLoop:
         return out.logits[:, -1].argmax(-1).tolist()
 
     def _rebuild(self) -> None:
-        """A new batched cache for the running sequences (membership changed): each row left-padded to the
-        longest. Rows come from the old batch (its last `length` positions) or from a fresh prefill."""
+        """A new batched cache for the running sequences (membership changed), each row left-padded to the
+        longest: the rows still running are gathered from the old batch in one index per layer (their
+        common left padding trimmed), freshly prefilled ones are padded and appended. A few tensor ops per
+        layer, not per sequence: sequences join and leave every few steps."""
         from transformers import DynamicCache
 
-        seqs, dev = self.running, self.p.device
-        alive = {id(s) for s in seqs}
-        for row, s in enumerate(self.batch_seqs):  # sequences still running keep their rows' data
-            if id(s) in alive and s.cache is None:
-                s.cache = [(k[row:row + 1, :, -s.length:], v[row:row + 1, :, -s.length:])
-                           for k, v in ((lay.keys, lay.values) for lay in self.batch_cache.layers)]
+        dev = self.p.device
+        row_of = {id(s): row for row, s in enumerate(self.batch_seqs)}
+        old = [s for s in self.running if s.cache is None]  # their data lives in the old batch
+        new = [s for s in self.running if s.cache is not None]  # prefilled since: their own cache rows
+        self.running = seqs = old + new  # the batch's row order
         longest = max(s.length for s in seqs)
+        if old:
+            index = torch.tensor([row_of[id(s)] for s in old], device=dev)
+            old_len = max(s.length for s in old)
+        layers = len(self.batch_cache.layers) if old else len(new[0].cache)
         cache = DynamicCache()
-        for layer in range(len(seqs[0].cache)):
+        for layer in range(layers):
             keys, values = [], []
-            for s in seqs:
+            if old:
+                lay = self.batch_cache.layers[layer]
+                for dst, src in ((keys, lay.keys), (values, lay.values)):  # (B_old, Hkv, W, Dh)
+                    block = src.index_select(0, index)[:, :, -old_len:]
+                    dst.append(torch.nn.functional.pad(block, (0, 0, longest - old_len, 0)) if longest > old_len else block)
+            for s in new:
                 k, v = s.cache[layer]  # (1, Hkv, length, Dh)
                 gap = longest - s.length
                 keys.append(torch.nn.functional.pad(k, (0, 0, gap, 0)) if gap else k)
                 values.append(torch.nn.functional.pad(v, (0, 0, gap, 0)) if gap else v)
             cache.update(torch.cat(keys), torch.cat(values), layer)  # (B, Hkv, longest, Dh)
-        self.batch_mask = torch.zeros(len(seqs), longest, dtype=torch.long, device=dev)  # (B, longest)
-        for row, s in enumerate(seqs):
-            self.batch_mask[row, longest - s.length:] = 1
+        lengths = torch.tensor([s.length for s in seqs], device=dev)
+        # (B, longest): 1 on each row's last `length` positions
+        self.batch_mask = (torch.arange(longest, device=dev) >= longest - lengths[:, None]).long()
+        for s in new:
             s.cache = None  # its data lives in the batch now
         self.batch_cache, self.batch_seqs = cache, list(seqs)
 
@@ -218,6 +229,7 @@ class DecodeLoop:
             self.on_step(len(seqs))
         if [id(s) for s in seqs] != [id(s) for s in self.batch_seqs]:
             self._rebuild()
+            seqs = self.running  # in the batch's row order
         width = self.batch_mask.shape[1]
         self.batch_mask = torch.cat([self.batch_mask, self.batch_mask.new_ones(len(seqs), 1)], dim=1)
         last = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # (B, 1)
