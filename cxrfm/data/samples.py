@@ -72,10 +72,6 @@ def report_prompt(indication: str, has_prior: bool) -> str:
     return prompt + (" comparison: prior study provided" if has_prior else "")
 
 
-def prompt_and_answer(study: Study, task: str, rng: np.random.Generator) -> tuple[str, str]:
-    return turns(study, task, rng, 1)[0]
-
-
 def turns(study: Study, task: str, rng: np.random.Generator, max_turns: int) -> list[tuple[str, str]]:
     """The (prompt, answer) pairs of one example. Report and generate have one; VQA and grounding draw up
     to `max_turns` of the study's pairs without repeats, in random order."""
