@@ -5,8 +5,8 @@ One `DecodeLoop` per loaded model in a replica owns one thread that runs one dec
 - new requests are prefilled together (one left-padded forward pass over all that arrived since the last
   step, as `Predictor.generate_batch` lays out a batch) and join the running batch at the next step;
 - every step decodes one token for every running sequence in ONE forward pass over a left-padded batched
-  KV cache (`DynamicCache`), with each row's own RoPE positions and a mask over its padding; the batch is
-  re-laid only when its membership changes;
+  KV cache allocated once per batch membership (serving/decode_step.py), with each row's own RoPE
+  positions and a mask over its padding; the batch is re-laid only when its membership changes;
 - a sequence that emits EOS, reaches its budget or whose caller went away leaves at once, and its cache
   rows are dropped (the padding of the rest is trimmed);
 - when nothing runs the thread sleeps on the queue: an idle replica starts a request immediately, there is
@@ -30,6 +30,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+from .decode_step import BatchKV, LlamaDecoder
 
 
 @dataclass
@@ -64,8 +66,10 @@ class DecodeLoop:
         self.pending: queue.Queue[_Sequence] = queue.Queue()  # from the callers' event loops
         self.waiting: deque[_Sequence] = deque()  # taken off `pending` by the loop, not admitted yet
         self.running: list[_Sequence] = []
-        # The batched KV cache of the last step: its sequences in row order and the padding mask (B, width).
-        self.batch_cache, self.batch_seqs, self.batch_mask = None, [], None
+        # The batched KV cache of the last step and its sequences in row order.
+        self.batch_kv: BatchKV | None = None
+        self.batch_seqs: list[_Sequence] = []
+        self.decoder = LlamaDecoder(predictor.model.language)
         self.step_sizes: deque[int] = deque(maxlen=10_000)  # sequences per decode step (stats)
         self.on_step = on_step  # callable(sequences in this step), from the loop's thread
         self._lock = threading.Lock()
@@ -162,8 +166,6 @@ class DecodeLoop:
     @torch.no_grad()
     def _prefill(self, seqs: list[_Sequence]) -> list[int]:
         """One forward pass over the prompts of `seqs`, left-padded; each keeps its own cache rows."""
-        from transformers import DynamicCache
-
         p, dev = self.p, self.p.device
         lengths = [len(s.prompt[0]) for s in seqs]
         width = max(lengths)
@@ -172,9 +174,9 @@ class DecodeLoop:
         images = torch.as_tensor(np.stack([s.prompt[1] for s in seqs]), device=dev)
         present = torch.as_tensor(np.stack([s.prompt[2] for s in seqs]), device=dev)
         embeds = p.model.embed(ids, images, present)  # (B, T, D)
-        cache = DynamicCache()
         out = p.model.language(inputs_embeds=embeds, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                               past_key_values=cache, use_cache=True, logits_to_keep=1)
+                               use_cache=True, logits_to_keep=1)
+        cache = out.past_key_values  # a DynamicCache: per layer (B, Hkv, T, Dh)
         for row, (s, n) in enumerate(zip(seqs, lengths)):
             s.cache = [(layer.keys[row:row + 1, :, width - n:], layer.values[row:row + 1, :, width - n:])
                        for layer in cache.layers]
@@ -182,62 +184,41 @@ class DecodeLoop:
         return out.logits[:, -1].argmax(-1).tolist()
 
     def _rebuild(self) -> None:
-        """A new batched cache for the running sequences (membership changed), each row left-padded to the
-        longest: the rows still running are gathered from the old batch in one index per layer (their
-        common left padding trimmed), freshly prefilled ones are padded and appended. A few tensor ops per
-        layer, not per sequence: sequences join and leave every few steps."""
-        from transformers import DynamicCache
-
+        """A new batched cache for the running sequences (membership changed), each row right-aligned to
+        the longest: the rows still running are gathered from the old batch in one index per layer (their
+        common left padding trimmed), freshly prefilled ones are appended. A few tensor ops per layer, not
+        per sequence: sequences join and leave every few steps."""
         dev = self.p.device
         row_of = {id(s): row for row, s in enumerate(self.batch_seqs)}
         old = [s for s in self.running if s.cache is None]  # their data lives in the old batch
         new = [s for s in self.running if s.cache is not None]  # prefilled since: their own cache rows
         self.running = seqs = old + new  # the batch's row order
-        longest = max(s.length for s in seqs)
+        blocks = []
         if old:
             index = torch.tensor([row_of[id(s)] for s in old], device=dev)
-            old_len = max(s.length for s in old)
-        layers = len(self.batch_cache.layers) if old else len(new[0].cache)
-        cache = DynamicCache()
-        for layer in range(layers):
-            keys, values = [], []
-            if old:
-                lay = self.batch_cache.layers[layer]
-                for dst, src in ((keys, lay.keys), (values, lay.values)):  # (B_old, Hkv, W, Dh)
-                    block = src.index_select(0, index)[:, :, -old_len:]
-                    dst.append(torch.nn.functional.pad(block, (0, 0, longest - old_len, 0)) if longest > old_len else block)
-            for s in new:
-                k, v = s.cache[layer]  # (1, Hkv, length, Dh)
-                gap = longest - s.length
-                keys.append(torch.nn.functional.pad(k, (0, 0, gap, 0)) if gap else k)
-                values.append(torch.nn.functional.pad(v, (0, 0, gap, 0)) if gap else v)
-            cache.update(torch.cat(keys), torch.cat(values), layer)  # (B, Hkv, longest, Dh)
-        lengths = torch.tensor([s.length for s in seqs], device=dev)
-        # (B, longest): 1 on each row's last `length` positions
-        self.batch_mask = (torch.arange(longest, device=dev) >= longest - lengths[:, None]).long()
+            blocks.append(self.batch_kv.rows(index, max(s.length for s in old)))
+        blocks += [s.cache for s in new]
+        lengths = [s.length for s in seqs]
+        headroom = max(s.budget - len(s.tokens) for s in seqs)  # enough for every row to finish
+        self.batch_kv = BatchKV.from_rows(blocks, lengths, min(headroom, 256))
         for s in new:
             s.cache = None  # its data lives in the batch now
-        self.batch_cache, self.batch_seqs = cache, list(seqs)
+        self.batch_seqs = list(seqs)
 
     @torch.no_grad()
     def _step(self) -> None:
-        """One token for every running sequence: one forward pass over the left-padded batched cache, which
-        is rebuilt only when sequences joined or left since the last step."""
-        seqs, p, dev = self.running, self.p, self.p.device
+        """One token for every running sequence: one forward pass over the batched cache, which is rebuilt
+        only when sequences joined or left since the last step."""
+        seqs, dev = self.running, self.p.device
         self.step_sizes.append(len(seqs))
         if self.on_step is not None:
             self.on_step(len(seqs))
         if [id(s) for s in seqs] != [id(s) for s in self.batch_seqs]:
             self._rebuild()
             seqs = self.running  # in the batch's row order
-        width = self.batch_mask.shape[1]
-        self.batch_mask = torch.cat([self.batch_mask, self.batch_mask.new_ones(len(seqs), 1)], dim=1)
-        last = torch.tensor([[s.tokens[-1]] for s in seqs], device=dev)  # (B, 1)
-        out = p.model.language(
-            inputs_embeds=p.model.language.get_input_embeddings()(last), attention_mask=self.batch_mask,
-            position_ids=torch.tensor([[s.position] for s in seqs], device=dev), past_key_values=self.batch_cache,
-            cache_position=torch.tensor([width], device=dev), use_cache=True, logits_to_keep=1)
-        nxt = out.logits[:, -1].argmax(-1).tolist()  # (B,)
+        last = torch.tensor([s.tokens[-1] for s in seqs], device=dev)  # (B,)
+        positions = torch.tensor([s.position for s in seqs], device=dev)  # (B,)
+        nxt = self.decoder.step(self.batch_kv, last, positions).argmax(-1).tolist()  # (B,) greedy
         for row, s in enumerate(seqs):
             s.position += 1
             s.length += 1
