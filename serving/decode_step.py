@@ -6,7 +6,9 @@ does here (tiny model, 14 sequences, CPU: 2.6 vs 1.5 ms), spent outside the arit
 layer's K/V onto a `DynamicCache` (a copy of the whole cache per step). Here a step runs the same modules
 (norms, projections, rotary embedding, MLP, head: the weights and any fused kernels the runtime swapped in)
 on a cache allocated once per batch membership, writing each new K/V into its column and attending with
-the padding mask kept as a boolean tensor. Written by hand because transformers has no public one-token
+the padding mask kept as a boolean tensor. Attention here is always torch SDPA, whatever backend the
+model runs (`model.attention` still runs the prefill): one query per row is a memory-bound read of the
+cache, not the long query blocks the fused kernels are for. Written by hand because transformers has no public one-token
 step over a caller-owned batched cache; tests/serving/test_decode_step.py checks it against
 `LlamaForCausalLM.forward`.
 """

@@ -166,9 +166,6 @@ class ModelConfig(_Section):
     # is a low-variance direction of the visual tokens that the LM's attention does not pick up (see the
     # README's VQA diagnosis). 0 turns it off.
     view_loss_weight: float = Field(0.0, ge=0)
-    # Auxiliary side loss: which half of the frontal image holds a box of each observation (from the grounded
-    # phrases), predicted from each half's mean patch feature. 0 turns it off.
-    side_loss_weight: float = Field(0.0, ge=0)
     # How the answer-token loss of report, VQA and grounding rows is averaged. "token": one mean over every
     # answer token of the batch, so a 60-token report outweighs a 1-token "yes" 60 to 1 and short-answer tasks
     # get a sliver of the gradient. "task": each task's own token mean, weighted by its share of the batch's

@@ -60,7 +60,6 @@ class StudyToExample:
             "image_present": np.zeros(len(ROLES), bool),
             "findings": np.full(len(CHEXPERT_LABELS), -1.0, np.float32),
             "views": np.full(len(ROLES), -1, np.int64),
-            "sides": np.full((2, len(CHEXPERT_LABELS)), -1.0, np.float32),
         }, SKIP_REASONS.index(code)
 
     def _one(self, key: str, row: dict, rng: np.random.Generator) -> tuple[dict[str, np.ndarray], int, int, bool]:
@@ -91,7 +90,7 @@ class StudyToExample:
         columns = {c: batch[c] for c in batch if not c.startswith("__") and c not in ("shard_skip", "shard_samples")}
         shard_skip = batch.get("shard_skip", np.zeros(len(keys), np.int64))
         out: dict[str, list] = {k: [] for k in ("input_ids", "labels", "attention_mask", "images", "image_present", "findings",
-                                                 "views", "sides")}
+                                                 "views")}
         skip, task, trunc = [], [], []
         for i, key in enumerate(keys):
             row = {c: v[i] for c, v in columns.items() if not (isinstance(v[i], float) and math.isnan(v[i]))}

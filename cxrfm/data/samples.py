@@ -136,32 +136,6 @@ def view_targets(study: Study, present: np.ndarray) -> np.ndarray:
     return out
 
 
-def side_targets(study: Study, present: np.ndarray) -> np.ndarray:
-    """(2, 14) float32: per half of the frontal image (image left = patient right, image right = patient
-    left), whether it holds a box of each CheXpert observation, from the study's grounded phrases (a box
-    counts for the half its centre lies in). 0 where the observation is negative for the study; -1 (not
-    counted) where it is positive or uncertain but has no frontal box, and everywhere when no frontal
-    image is shown."""
-    out = np.full((2, len(CHEXPERT_LABELS)), -1.0, np.float32)
-    ref = study.image("frontal")
-    if ref is None or not present[ROLES.index("frontal")]:
-        return out
-    for j, name in enumerate(CHEXPERT_LABELS):
-        if study.labels and study.labels.get(name, 0) == 0:
-            out[:, j] = 0.0  # negative or not mentioned: no box of it in either half
-    for phrase in study.grounding:
-        if phrase.image_role != "frontal" or phrase.label not in CHEXPERT_LABELS or not phrase.boxes:
-            continue
-        j = CHEXPERT_LABELS.index(phrase.label)
-        out[out[:, j] < 0, j] = 0.0  # grounded: a half without its box is a negative
-    for phrase in study.grounding:
-        if phrase.image_role != "frontal" or phrase.label not in CHEXPERT_LABELS:
-            continue
-        for box in phrase.boxes:
-            out[int((box.x1 + box.x2) / 2 >= ref.width / 2), CHEXPERT_LABELS.index(phrase.label)] = 1.0
-    return out
-
-
 def decode_image(data: bytes, size: int) -> np.ndarray:
     """PNG/JPEG bytes -> (size, size) uint8 grayscale. Raises on corrupt data."""
     with Image.open(io.BytesIO(data)) as im:
@@ -225,6 +199,5 @@ def encode_example(study: Study, task: str, images: dict[str, np.ndarray], token
         "image_present": present,
         "findings": finding_targets(study),
         "views": view_targets(study, present),
-        "sides": side_targets(study, present),
     }
     return example, truncated

@@ -12,8 +12,6 @@ kernels, device and dtype in the process that runs the model.
 
 from __future__ import annotations
 
-import math
-
 import json
 from pathlib import Path
 
@@ -55,7 +53,6 @@ class MultitaskModel(nn.Module):
         # Auxiliary head: CheXpert observations from pooled patch features (training signal only).
         self.finding_head = nn.Linear(cfg.vision.hidden_size, len(CHEXPERT_LABELS)) if cfg.finding_loss_weight > 0 else None
         self.view_head = nn.Linear(cfg.vision.hidden_size, len(VIEW_CLASSES)) if cfg.view_loss_weight > 0 else None
-        self.side_head = nn.Linear(cfg.vision.hidden_size, len(CHEXPERT_LABELS)) if cfg.side_loss_weight > 0 else None
 
     def enable_activation_checkpointing(self) -> None:
         for part in (self.language, self.vision.backbone):
@@ -83,11 +80,10 @@ class MultitaskModel(nn.Module):
         return emb.masked_scatter(slots.unsqueeze(-1), visual.to(emb.dtype))
 
     def forward(self, input_ids, attention_mask, images, image_present, labels=None, task=None, findings=None,
-                views=None, sides=None) -> dict:
+                views=None) -> dict:
         """Without labels: logits (B, T, V). With labels: the mean answer-token loss and, given `task`,
         per-task loss sums and token counts. Logits are then computed at answer positions only.
-        `findings` (B, 14), `views` (B, 3) and `sides` (B, 2, 14) feed the auxiliary finding, view and side losses
-        when the model has those heads."""
+        `findings` (B, 14) and `views` (B, 3) feed the auxiliary finding and view losses when the model has those heads."""
         patches = self.vision(images[image_present])  # (n, P, Dv)
         embeds = self.embed(input_ids, images, image_present, patches)
         hidden = self.language.model(inputs_embeds=embeds, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
@@ -120,8 +116,6 @@ class MultitaskModel(nn.Module):
             out["loss"] = out["loss"] + self._finding_loss(patches, image_present, findings, out)
         if self.view_head is not None:
             out["loss"] = out["loss"] + self._view_loss(patches, image_present, views, out)
-        if self.side_head is not None:
-            out["loss"] = out["loss"] + self._side_loss(patches, image_present, sides, out)
         return out
 
     def _finding_loss(self, patches, image_present, findings, out: dict) -> torch.Tensor:
@@ -154,27 +148,6 @@ class MultitaskModel(nn.Module):
         out["loss_sum/views"] = loss.detach() * n
         out["tokens/views"] = n
         return self.cfg.view_loss_weight * loss
-
-    def _side_loss(self, patches, image_present, sides, out: dict) -> torch.Tensor:
-        """Mean BCE of which half of each frontal image holds a box of each CheXpert observation, from the
-        mean patch feature of that half (one head shared by both halves): the encoder has to say where a
-        finding is, in features the projector passes on. -1 entries do not count; runs on every step."""
-        n, p, d = patches.shape
-        g = math.isqrt(p)  # the patch grid is square (ViT or ResNet)
-        grid = patches.view(n, g, g, d)  # row-major patches -> (n, rows, cols, Dv)
-        halves = torch.stack([grid[:, :, : g // 2].mean((1, 2)), grid[:, :, g - g // 2:].mean((1, 2))], 1)  # (n, 2, Dv)
-        logits = self.side_head(halves).float()  # (n, 2, 14)
-        rows, roles = image_present.nonzero(as_tuple=True)  # (n,), (n,): same order as the patches
-        if sides is None:
-            sides = logits.new_full((image_present.shape[0],) + logits.shape[1:], -1.0)
-        target = sides[rows].float()  # (n, 2, 14): the study's frontal targets ...
-        keep = (target >= 0) & (roles == ROLES.index("frontal"))[:, None, None]  # ... for its frontal image only
-        bce = F.binary_cross_entropy_with_logits(logits, target.clamp(min=0), reduction="none")
-        k = keep.sum()
-        loss = (bce * keep).sum() / k.clamp(min=1)
-        out["loss_sum/sides"] = loss.detach() * k
-        out["tokens/sides"] = k
-        return self.cfg.side_loss_weight * loss
 
     def _generate_loss(self, hidden, attention_mask, images, task, out: dict) -> torch.Tensor:
         """Diffusion loss of the `generate` rows. Their prompt is text only (no image placeholders), so the

@@ -26,7 +26,7 @@ from cxrfm.data.pipeline import SKIP_REASONS
 from cxrfm.data.samples import ALL_TASKS, LM_TASKS
 
 TAG_PREFIX = "step"
-LOGGED = ALL_TASKS + ("findings", "views", "sides")  # per-task losses, and the auxiliary losses
+LOGGED = ALL_TASKS + ("findings", "views")  # per-task losses, and the auxiliary finding and view losses
 
 
 def _resume_step(engine, checkpoint) -> int:
@@ -185,7 +185,7 @@ def train_loop_per_worker(config: dict) -> None:
             batch = _to_device(raw, device)
             result = engine(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_present"],
                             labels=batch["labels"], task=batch["task"], findings=batch.get("findings"),
-                            views=batch.get("views"), sides=batch.get("sides"))
+                            views=batch.get("views"))
             boundary = engine.is_gradient_accumulation_boundary()  # before step() advances the micro-step
             engine.backward(result["loss"])
             engine.step()

@@ -2,8 +2,8 @@
 
 import numpy as np
 
-from cxrfm.data.samples import VIEW_CLASSES, side_targets, view_targets
-from cxrfm.data.schema import CHEXPERT_LABELS, Box, GroundedPhrase, ImageRef, Study
+from cxrfm.data.samples import VIEW_CLASSES, view_targets
+from cxrfm.data.schema import ImageRef, Study
 
 
 def test_view_targets_follow_each_shown_images_metadata():
@@ -14,31 +14,6 @@ def test_view_targets_follow_each_shown_images_metadata():
     assert got.tolist() == [VIEW_CLASSES.index("AP"), VIEW_CLASSES.index("LATERAL"), -1]
     # an image that is not shown (a generate row's target, or a dropped view) gets no target
     assert view_targets(study, np.array([False, True, False])).tolist() == [-1, VIEW_CLASSES.index("LATERAL"), -1]
-
-
-def test_side_targets_put_each_box_in_the_half_of_the_frontal_image_its_centre_lies_in():
-    col = {name: CHEXPERT_LABELS.index(name) for name in ("Pleural Effusion", "Pneumothorax", "Edema", "Cardiomegaly")}
-    study = Study(
-        study_id="s", patient_id="p", split="train", source="synthetic",
-        images=[ImageRef(role="frontal", key="f.png", view="PA", width=100, height=80),
-                ImageRef(role="lateral", key="l.png", view="LATERAL", width=100, height=80)],
-        labels={"Pleural Effusion": 1, "Pneumothorax": 1, "Edema": 1, "Cardiomegaly": 0},
-        grounding=[  # a right effusion (image left) and, on the lateral, a pneumothorax that says no side
-            GroundedPhrase(phrase="right pleural effusion", label="Pleural Effusion", boxes=[Box(x1=5, y1=40, x2=45, y2=75)]),
-            GroundedPhrase(phrase="pneumothorax", label="Pneumothorax", image_role="lateral",
-                           boxes=[Box(x1=60, y1=5, x2=90, y2=30)])])
-    got = side_targets(study, np.array([True, True, False]))  # (2 halves: image left, image right; 14)
-    assert got.shape == (2, len(CHEXPERT_LABELS))
-    assert got[:, col["Pleural Effusion"]].tolist() == [1.0, 0.0]  # grounded: the other half is a negative
-    assert got[:, col["Pneumothorax"]].tolist() == [-1.0, -1.0]  # positive, no frontal box: unknown side
-    assert got[:, col["Edema"]].tolist() == [-1.0, -1.0]  # positive, ungrounded
-    assert got[:, col["Cardiomegaly"]].tolist() == [0.0, 0.0]  # negative for the study: in neither half
-    # a second effusion box in the image right half makes it bilateral
-    both = study.model_copy(update={"grounding": [GroundedPhrase(phrase="bilateral effusions", label="Pleural Effusion",
-                                                                 boxes=[Box(x1=5, y1=40, x2=45, y2=75), Box(x1=55, y1=40, x2=95, y2=75)])]})
-    assert side_targets(both, np.array([True, True, False]))[:, col["Pleural Effusion"]].tolist() == [1.0, 1.0]
-    # no frontal image shown (a lateral-only example, or a generate row): nothing counts
-    assert (side_targets(study, np.array([False, True, False])) == -1).all()
 
 
 def _vqa_study(n: int):

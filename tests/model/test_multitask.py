@@ -259,26 +259,3 @@ def test_view_loss_counts_shown_images_with_a_known_view(batch):
         base = model(*args, labels=data["labels"], task=data["task"], views=None)
     assert int(none["tokens/views"]) == 0
     torch.testing.assert_close(none["loss"], base["loss"])
-
-
-def test_side_loss_counts_frontal_images_with_known_sides_and_reaches_the_encoder(batch):
-    """The side head reads each half of a frontal image; targets come from the grounded boxes, -1 entries and
-    non-frontal images do not count, and its gradient reaches the vision encoder."""
-    from cxrfm.data.samples import ROLES
-
-    data, vocab = batch
-    model = build_model(load_config(None, ["model.side_loss_weight=1.0"]), vocab)
-    present, sides = data["image_present"], data["sides"]  # (B, 3), (B, 2, 14)
-    frontal = present[:, ROLES.index("frontal")]
-    assert (sides[~frontal] == -1).all() and (sides[frontal] >= 0).any(), "the phantoms' boxes give frontal targets"
-    args = (data["input_ids"], data["attention_mask"], data["images"], present)
-    out = model(*args, labels=data["labels"], task=data["task"], sides=sides)
-    assert int(out["tokens/sides"]) == int((sides >= 0).sum())
-    out["loss"].backward()
-    assert model.side_head.weight.grad.abs().sum() > 0
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.vision.parameters())
-    with torch.no_grad():  # nothing known: nothing counted, the loss is the plain model's
-        none = model(*args, labels=data["labels"], task=data["task"], sides=torch.full_like(sides, -1))
-        base = model(*args, labels=data["labels"], task=data["task"], sides=None)
-    assert int(none["tokens/sides"]) == 0
-    torch.testing.assert_close(none["loss"], base["loss"])
