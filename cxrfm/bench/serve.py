@@ -3,8 +3,9 @@
 1. Batching: one TextGenerator replica, the same deployment measured with continuous batching
    (iteration-level, at most N sequences per decode step), with request-level `@serve.batch`
    (max_batch_size N, the previous mode) and with max_batch_size=1 (the baseline), switched live through
-   the deployment's reconfigure. On a shared machine the load of other work drifts within seconds, so each
-   level runs in rounds that cycle through the three modes, and every mode's numbers are pooled over the
+   the deployment's reconfigure (`--unbatched-continuous` adds continuous batching held to one sequence:
+   the decode loop's own speed, so the table splits the gain into batching and the loop). On a shared machine the load of other work drifts within seconds, so each
+   level runs in rounds that cycle through the modes, and every mode's numbers are pooled over the
    rounds. A round of one mode: closed-loop clients for a warm-up (not counted: the switch, ramp-up), then
    a measured window, then the clients stop (the drain is not counted). requests/s = answers completed in
    the windows / their length (steady state); p50/p95/p99 over those answers; the mean batch the
@@ -44,10 +45,13 @@ APP = "cxrfm-bench"
 def add_args(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--export", help="model export directory (default: an untrained tiny model, built once)")
     p.add_argument("--levels", default="1,4,16", help="client concurrency levels")
-    p.add_argument("--rounds", type=int, default=3, help="rounds per level, each cycling through the three modes")
+    p.add_argument("--rounds", type=int, default=3, help="rounds per level, each cycling through the modes")
     p.add_argument("--window-s", type=float, default=8.0, help="measured seconds per round and mode")
     p.add_argument("--warmup-s", type=float, default=2.0, help="uncounted seconds before each window")
     p.add_argument("--max-batch-size", type=int, default=16)
+    p.add_argument("--unbatched-continuous", action="store_true",
+                   help="a fourth mode, continuous batching with max 1 sequence: the decode loop's own speed, "
+                        "without batching (how much of the gain is batching)")
     p.add_argument("--batch-wait-s", type=float, default=0.05)
     p.add_argument("--max-new-tokens", type=int, default=16)
     p.add_argument("--images", choices=("phantom", "noise"), default="phantom",
@@ -195,6 +199,8 @@ def batching_table(args, url: str, key: str) -> list[dict]:
     modes = ((f"continuous (max {args.max_batch_size})", "continuous", args.max_batch_size),
              (f"@serve.batch (max {args.max_batch_size})", "batch", args.max_batch_size),
              ("max_batch_size=1", "batch", 1))
+    if args.unbatched_continuous:
+        modes += (("continuous (max 1)", "continuous", 1),)
     for level in [int(x) for x in args.levels.split(",")]:
         parts, sizes = {name: [] for name, _, _ in modes}, {name: [] for name, _, _ in modes}
         for _ in range(args.rounds):

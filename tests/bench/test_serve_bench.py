@@ -28,16 +28,18 @@ def test_phantom_requests_differ_and_tokens_are_averaged():
 
 
 @pytest.mark.slow
-def test_bench_serve_prints_the_three_modes(tmp_path):
+def test_bench_serve_prints_every_mode(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     proc = subprocess.run([sys.executable, "-m", "cxrfm.cli", "bench", "serve", "--levels", "2", "--rounds", "1",
-                           "--window-s", "2", "--warmup-s", "1", "--max-new-tokens", "4", "--autoscale-max", "0"],
+                           "--window-s", "2", "--warmup-s", "1", "--max-new-tokens", "4", "--autoscale-max", "0",
+                           "--unbatched-continuous"],
                           cwd=tmp_path, env=env, text=True, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:]
     rows = [line.split("|") for line in proc.stdout.splitlines() if line.strip().startswith("2 |")]
     modes = [r[1].strip() for r in rows]
-    assert modes == ["continuous (max 16)", "@serve.batch (max 16)", "max_batch_size=1"], proc.stdout[-3000:]
+    assert modes == ["continuous (max 16)", "@serve.batch (max 16)", "max_batch_size=1", "continuous (max 1)"], \
+        proc.stdout[-3000:]
     for r in rows:
         ok, err, tokens = int(r[2]), int(r[3]), float(r[8])
         assert ok > 0 and err == 0, proc.stdout[-3000:]
