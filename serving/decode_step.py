@@ -57,7 +57,8 @@ class BatchKV:
     def rows(self, index: torch.Tensor, length: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The last `length` columns in use of the rows `index`, per layer: (len(index), Hkv, length, Dh)."""
         lo = self.width - length
-        return [(k.index_select(0, index)[:, :, lo:self.width], v.index_select(0, index)[:, :, lo:self.width])
+        # slice first: the gather then copies only the columns in use, not the free capacity
+        return [(k[:, :, lo:self.width].index_select(0, index), v[:, :, lo:self.width].index_select(0, index))
                 for k, v in zip(self.keys, self.values)]
 
     def grow(self, extra: int) -> None:
