@@ -110,6 +110,13 @@ class DiffusionConfig(_Section):
         return self.image_size // self.vae_downsample if self.latent else self.image_size
 
     @property
+    def smallest_image_size(self) -> int:
+        """A small image (pixels) the denoiser accepts: 2 x 2 cells of the UNet's lowest level (GroupNorm needs
+        more than one value per group in training), or 2 x 2 DiT patches."""
+        cell = 2 ** (len(self.block_out_channels) - 1) if self.backbone == "unet" else self.dit_patch_size
+        return min(self.image_size, 2 * cell * (self.vae_downsample if self.latent else 1))
+
+    @property
     def sample_channels(self) -> int:
         return self.vae_channels if self.latent else 1
 

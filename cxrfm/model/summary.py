@@ -31,8 +31,9 @@ def _numel(p) -> int:
     return getattr(p, "ds_numel", p.numel())  # ZeRO-3 partitions parameters; ds_numel is the full size
 
 
-def train_flops(model, cfg, batch: int) -> float:
-    """Matmul FLOPs of one step (forward + backward = 3 x forward), PaLM appendix B style.
+def train_flops(model, cfg, batch: int, seq_len: int | None = None) -> float:
+    """Matmul FLOPs of one step (forward + backward = 3 x forward), PaLM appendix B style, for `batch` rows
+    of `seq_len` tokens (default data.max_seq_len; training trims each batch to its longest row).
 
     Counted: 6 x (LM params except the embedding table, which is a lookup) x tokens; the LM head only
     on the answer half, where the loss is computed; 6 x ViT params x patches; the attention score and
@@ -41,7 +42,7 @@ def train_flops(model, cfg, batch: int) -> float:
                   if "embed_tokens" not in n and "lm_head" not in n)
     head = _numel(model.language.lm_head.weight)
     vit = sum(_numel(p) for p in model.vision.parameters())
-    T, L, D = cfg.data.max_seq_len, cfg.model.language.num_layers, cfg.model.language.hidden_size
+    T, L, D = seq_len or cfg.data.max_seq_len, cfg.model.language.num_layers, cfg.model.language.hidden_size
     patches = (cfg.model.vision.image_size // cfg.model.vision.patch_size) ** 2
     Lv, Dv = cfg.model.vision.num_layers, cfg.model.vision.hidden_size
     dense = 6 * lm_body * T * batch + 6 * head * (T // 2) * batch + 6 * vit * patches * batch

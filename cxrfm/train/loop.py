@@ -8,6 +8,7 @@ into one directory in run storage and keeps the last K.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import socket
@@ -46,6 +47,22 @@ def _to_device(batch: dict, device: torch.device) -> dict:
     return {k: torch.as_tensor(v).to(device, non_blocking=True) for k, v in batch.items()}
 
 
+SEQUENCE_KEYS = ("input_ids", "attention_mask", "labels")
+PAD_MULTIPLE = 8  # trimmed lengths stay multiples of 8 (tensor-core friendly shapes, fewer distinct shapes)
+
+
+def trim_padding(batch: dict) -> dict:
+    """Cut the right padding that no row of this batch uses: examples come padded to data.max_seq_len, and
+    a batch's longest row is often far shorter (tiny-learn: ~120 of 192 tokens). Padding sits at the right,
+    masked and unlabeled, so the loss is the same; the LM's matmuls and attention shrink with the length."""
+    mask = batch["attention_mask"]  # (B, T)
+    used = int(mask.sum(1).max()) if mask.size else 0
+    length = min(mask.shape[1], max(PAD_MULTIPLE, -(-used // PAD_MULTIPLE) * PAD_MULTIPLE))
+    if length == mask.shape[1]:
+        return batch
+    return {k: (v[:, :length] if k in SEQUENCE_KEYS else v) for k, v in batch.items()}
+
+
 def _export(engine, cfg, tokenizer, out_dir: Path, rank: int) -> None:
     """Full weights to an HF-style directory, loadable without Ray or DeepSpeed (rank 0 writes)."""
     import deepspeed
@@ -68,7 +85,7 @@ class _Window:
     # findings: the auxiliary vision loss (model.finding_loss_weight); its count is labeled observations
     # views: the auxiliary view loss (model.view_loss_weight); its count is images with a known view
     KEYS = ([f"loss_sum/{t}" for t in LOGGED] + [f"tokens/{t}" for t in LOGGED]
-            + ["samples", "rows", "seq_tokens", "truncated", "wait_s", "step_s"] + [f"skipped/{r}" for r in SKIP_REASONS[1:]])
+            + ["samples", "rows", "flops", "seq_tokens", "truncated", "wait_s", "step_s"] + [f"skipped/{r}" for r in SKIP_REASONS[1:]])
 
     def __init__(self):
         self.sums = defaultdict(float)
@@ -149,7 +166,7 @@ def train_loop_per_worker(config: dict) -> None:
     ds_cfg = deepspeed_config(cfg)
     # Attention backend, fused kernels and device are resolved here, in the worker that has the GPU.
     model = build_model(cfg, len(tokenizer), device=device, zero3_config=ds_cfg if cfg.deepspeed.stage == 3 else None)
-    flops_per_row = train_flops(model, cfg, 1)
+    flops_per_row = functools.cache(lambda length: train_flops(model, cfg, 1, length))  # by trimmed length
     peak = gpu_peak_tflops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
     if cfg.train.activation_checkpointing:
         model.enable_activation_checkpointing()
@@ -182,6 +199,7 @@ def train_loop_per_worker(config: dict) -> None:
             truncated = raw.pop("truncated")
             for i in (skip > 0).nonzero()[0]:
                 window.sums[f"skipped/{SKIP_REASONS[skip[i]]}"] += 1 if counts is None else int(counts[i])
+            raw = trim_padding(raw)
             batch = _to_device(raw, device)
             result = engine(batch["input_ids"], batch["attention_mask"], batch["images"], batch["image_present"],
                             labels=batch["labels"], task=batch["task"], findings=batch.get("findings"),
@@ -193,7 +211,8 @@ def train_loop_per_worker(config: dict) -> None:
                 window.sums[f"loss_sum/{name}"] += float(result.get(f"loss_sum/{name}", 0.0))
                 window.sums[f"tokens/{name}"] += float(result.get(f"tokens/{name}", 0))
             window.sums["samples"] += int((skip == 0).sum())
-            window.sums["rows"] += len(skip)  # computed, skipped or not (FLOPs)
+            window.sums["rows"] += len(skip)  # computed, skipped or not
+            window.sums["flops"] += flops_per_row(raw["input_ids"].shape[1]) * len(skip)
             window.sums["seq_tokens"] += float(raw["attention_mask"].sum())
             window.sums["truncated"] += int(truncated.sum())
             window.sums["wait_s"] += t_got - t_wait
@@ -216,8 +235,8 @@ def train_loop_per_worker(config: dict) -> None:
                     "answer_tokens_per_s": tokens / elapsed,
                     "data_wait_fraction": s["wait_s"] / max(s["step_s"], 1e-9),
                     "tokens_per_s": s["seq_tokens"] / elapsed,  # prompt + answer tokens, padding excluded
-                    # per device, the FLOP count of `cxrfm bench train` (padded length), over wall time
-                    "tflops_per_device": flops_per_row * s["rows"] / elapsed / world / 1e12,
+                    # per device, the FLOP count of `cxrfm bench train` at each batch's trimmed length, over wall time
+                    "tflops_per_device": s["flops"] / elapsed / world / 1e12,
                 })
                 if peak:
                     metrics["mfu"] = metrics["tflops_per_device"] / peak

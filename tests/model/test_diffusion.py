@@ -133,6 +133,26 @@ def test_empty_batch_gives_zero_loss_that_touches_every_trainable_parameter():
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
+@pytest.mark.parametrize("kw, side", [
+    ({}, 4),  # two UNet levels: 2 x 2 cells of 2 px
+    ({"block_out_channels": [16, 32, 32]}, 8),
+    ({"backbone": "dit", "dit_hidden_size": 32, "dit_layers": 1, "dit_patch_size": 2}, 4),
+    ({"latent": True, "vae_downsample": 2, "vae_block_out_channels": [8, 8]}, 4),  # 8 px -> 4 x 4 latents
+])
+def test_empty_batch_runs_the_denoiser_on_a_small_blank_image(kw, side):
+    """The stand-in for "no generate row" costs little: the denoiser sees a small image, not a full one."""
+    model = _decoder(**kw)
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, args, kwargs: seen.append(tuple(args[0].shape)), with_kwargs=True)
+    loss = model.loss(torch.zeros(0, 16, 16, dtype=torch.uint8), torch.zeros(0, 3, D), torch.zeros(0, 3, dtype=torch.bool))
+    loss.backward()
+    assert loss.item() == 0.0 and seen == [(1, model.cfg.sample_channels, side, side)]
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    images, cond, mask = _inputs()
+    model.loss(images, cond, mask)  # a real row: full size
+    assert seen[-1] == (2, model.cfg.sample_channels, model.cfg.sample_side, model.cfg.sample_side)
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpm"])
 def test_sample_shape_dtype_and_determinism(sampler):
     model = _decoder(sampler=sampler).eval()
