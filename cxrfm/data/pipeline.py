@@ -154,6 +154,7 @@ def read_shard(entry: dict) -> list[dict]:
             for key in sorted(samples)]
 
 
+READ_TASK_CPUS = 0.25  # what one shard's read-and-decode task asks of Ray
 DECODE_ROWS = 32  # samples decoded per mapper call (and per yielded batch) inside a shard's task
 
 
@@ -217,6 +218,6 @@ def build_dataset(cfg: Config, split: str, num_image_tokens: int, augment: bool,
         # with data.sources: data.shards is where the mixture's joint tokenizer lives
         fn_kwargs={"tokenizer_files": store.read_dir(store.join(cfg.data.shards, "tokenizer")), "spec": spec,
                    "weights": tuple(sorted(cfg.data.tasks.items())), "seed": cfg.data.seed},
-        batch_size=1, batch_format="numpy", num_cpus=0.25,  # one shard per task
+        batch_size=1, batch_format="numpy", num_cpus=READ_TASK_CPUS,  # one shard per task
     )
     return ds, skipped

@@ -55,9 +55,19 @@ def _init_ray(cfg: Config) -> bool:
     return True
 
 
-def _check_resources(cfg: Config) -> None:
+def _check_resources(cfg: Config, local: bool) -> None:
     import ray
 
+    from cxrfm.data.pipeline import READ_TASK_CPUS
+
+    if local:  # a cluster may scale up to fit; a local Ray never will, and Ray Data would wait without a word
+        have, workers = ray.cluster_resources().get("CPU", 0), cfg.train.num_workers * cfg.train.cpus_per_worker
+        if workers + READ_TASK_CPUS > have:
+            fit = (have - READ_TASK_CPUS) / cfg.train.num_workers
+            raise ConfigError(
+                f"train.num_workers x train.cpus_per_worker = {workers:g} CPUs leaves {max(0, have - workers):g} of this "
+                f"machine's {have:g} to read the shards, which needs {READ_TASK_CPUS:g}; the data pipeline would never "
+                f"start. Set train.cpus_per_worker to at most {fit:g} (or fewer train.num_workers)")
     if cfg.train.use_gpu:
         have = ray.cluster_resources().get("GPU", 0)
         if have < cfg.train.num_workers:
@@ -186,7 +196,7 @@ def train(cfg: Config, resume: str | None = None, show_progress: bool = True) ->
                               f"{torch.cuda.device_count()}; set train.use_gpu=false (CPU) or submit to a GPU cluster "
                               "(cxrfm jobs submit SPEC --to ray ADDRESS)")
     local = _init_ray(cfg)
-    _check_resources(cfg)
+    _check_resources(cfg, local)
     # The attention backend, kernels, device and dtype are decided in each worker (cxrfm.model.build), where
     # the GPU is: a head node or laptop driver may have none. Each rank reports what it runs.
     print(f"attention: model.attention={cfg.model.attention}, resolved in each worker (MLflow params rank<N>/attention)")
