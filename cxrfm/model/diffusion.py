@@ -214,15 +214,16 @@ class DiffusionDecoder(nn.Module):
                 generator: torch.Generator | None = None) -> torch.Tensor:
         """Diffusion MSE on the noise or v target (`cfg.prediction`), fp32 scalar. images_uint8: (n, S_in, S_in); cond: (n, L, D); cond_mask: (n, L).
 
-        n may be 0 (no report row on this rank in this micro-batch): then one blank image of the smallest size the denoiser takes, with the null
-        condition runs and the result is multiplied by 0, so every trainable parameter still takes part in
-        forward and backward on every rank (ZeRO-3 gathers and ZeRO-2 gradient buckets must match)."""
+        n may be 0 (no report row on this rank in this micro-batch): then one small blank image
+        (`smallest_image_size`) with the null condition runs and the result is multiplied by 0, so every
+        trainable parameter still takes part in forward and backward on every rank (ZeRO-3 gathers and
+        ZeRO-2 gradient buckets must match)."""
         device = self._param().device
         empty = images_uint8.shape[0] == 0
         size = self.cfg.image_size
         if empty:
-            # The smallest image the denoiser takes: the same modules run in the same order (what ZeRO needs),
-            # at a fraction of the cost (at 32 px the full-size dummy's self-attention was ~1/6 of a tiny step).
+            # A small image: the same modules run in the same order (what ZeRO needs), at a fraction of the
+            # cost (at 32 px the full-size stand-in's self-attention was ~1/6 of a tiny-learn step).
             size = self.cfg.smallest_image_size
             images_uint8 = torch.zeros(1, size, size, dtype=torch.uint8, device=device)
             cond = self.null_cond(1, 1).detach()
