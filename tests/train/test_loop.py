@@ -26,9 +26,9 @@ def test_trim_keeps_every_used_position_and_rounds_up(examples):
     out = trim_padding(raw)
     length = out["input_ids"].shape[1]
     assert length % PAD_MULTIPLE == 0 and longest <= length < longest + PAD_MULTIPLE
+    assert (raw["attention_mask"][:, length:] == 0).all() and (raw["labels"][:, length:] == -100).all()
     for k in ("input_ids", "attention_mask", "labels"):
         np.testing.assert_array_equal(out[k], raw[k][:, :length])
-        assert (raw["attention_mask"][:, length:] == 0).all() and (raw["labels"][:, length:] == -100).all()
     for k in ("images", "image_present", "task", "findings", "views"):
         assert out[k] is raw[k]
 
