@@ -30,12 +30,14 @@ def configs(gpu_configs, interpret_config, fp32_config=None):
     out = [triton.Config(meta, num_warps=w, num_stages=s) for meta, w, s in gpu_configs]
     if fp32_config is not None:
         meta, w, s = fp32_config
-        out.append(triton.Config(meta, num_warps=w, num_stages=s))
-        _FP32_ONLY.add(id(out[-1]))
+        fp32 = triton.Config(meta, num_warps=w, num_stages=s)
+        # marked on the object: a registry of id()s went wrong once a freed config's id was reused
+        setattr(fp32, _FP32_ONLY, True)
+        out.append(fp32)
     return out
 
 
-_FP32_ONLY: set[int] = set()  # ids of the configs reserved for fp32 inputs
+_FP32_ONLY = "_cxrfm_fp32_only"  # attribute set on the config reserved for fp32 inputs
 
 
 def prune_by_dtype(tensor_arg: str):
@@ -43,7 +45,7 @@ def prune_by_dtype(tensor_arg: str):
 
     def prune(configs, named_args, **kwargs):
         fp32 = named_args[tensor_arg].element_size() == 4
-        keep = [c for c in configs if (id(c) in _FP32_ONLY) == fp32]
+        keep = [c for c in configs if getattr(c, _FP32_ONLY, False) == fp32]
         return keep or configs
 
     return prune

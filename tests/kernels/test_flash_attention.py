@@ -210,3 +210,27 @@ def test_fp32_inputs_get_their_own_config(autotune, monkeypatch):
     half = prune(cands, {"Q": torch.empty(1, dtype=torch.bfloat16)})
     assert [c.kwargs["BLOCK_M"] for c in fp32] == [32]
     assert [c.kwargs["BLOCK_M"] for c in half] == ([128, 64] if autotune == "1" else [128])
+
+
+def test_fp32_mark_survives_freed_configs(monkeypatch):
+    # the fp32 config was once tracked by id(): after a config list was freed, Python reused its ids and
+    # a half-precision config built later was taken for the fp32 one (CI saw [128, 32] for fp32 inputs)
+    import gc
+
+    from cxrfm.kernels import _autotune
+
+    monkeypatch.setattr(_autotune, "INTERPRET", False)
+    monkeypatch.setenv("CXRFM_AUTOTUNE", "1")
+    prune = _autotune.prune_by_dtype("Q")
+    half_q, fp32_q = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
+    wrong = []
+    for _ in range(50):
+        cands = _autotune.configs([({"BLOCK_M": 128}, 4, 3), ({"BLOCK_M": 64}, 8, 3)], ({"BLOCK_M": 16}, 4),
+                                  fp32_config=({"BLOCK_M": 32}, 4, 2))
+        half = [c.kwargs["BLOCK_M"] for c in prune(cands, {"Q": half_q})]
+        fp32 = [c.kwargs["BLOCK_M"] for c in prune(cands, {"Q": fp32_q})]
+        if (half, fp32) != ([128, 64], [32]):
+            wrong.append((half, fp32))
+        del cands
+        gc.collect()  # frees the configs so their ids can be handed out again
+    assert wrong == []
