@@ -196,6 +196,12 @@ def test_gpu_varlen_bf16(rel_err):
         assert rel_err(g, gr) < 2 * tol(torch.bfloat16)
 
 
+def _candidates(autotune_module):
+    """Two half-precision configs, an interpreter one and the fp32-only one: the lists the pruning tests use."""
+    return autotune_module.configs([({"BLOCK_M": 128}, 4, 3), ({"BLOCK_M": 64}, 8, 3)], ({"BLOCK_M": 16}, 4),
+                                   fp32_config=({"BLOCK_M": 32}, 4, 2))
+
+
 @pytest.mark.parametrize("autotune", ["1", "0"])
 def test_fp32_inputs_get_their_own_config(autotune, monkeypatch):
     # half-precision tiles overflow shared memory in fp32 (seen on an H200: 256 KB needed at head dim 128)
@@ -203,8 +209,7 @@ def test_fp32_inputs_get_their_own_config(autotune, monkeypatch):
 
     monkeypatch.setattr(_autotune, "INTERPRET", False)
     monkeypatch.setenv("CXRFM_AUTOTUNE", autotune)
-    cands = _autotune.configs([({"BLOCK_M": 128}, 4, 3), ({"BLOCK_M": 64}, 8, 3)], ({"BLOCK_M": 16}, 4),
-                              fp32_config=({"BLOCK_M": 32}, 4, 2))
+    cands = _candidates(_autotune)
     prune = _autotune.prune_by_dtype("Q")
     fp32 = prune(cands, {"Q": torch.empty(1, dtype=torch.float32)})
     half = prune(cands, {"Q": torch.empty(1, dtype=torch.bfloat16)})
@@ -225,8 +230,7 @@ def test_fp32_mark_survives_freed_configs(monkeypatch):
     half_q, fp32_q = torch.empty(1, dtype=torch.float16), torch.empty(1, dtype=torch.float32)
     wrong = []
     for _ in range(50):
-        cands = _autotune.configs([({"BLOCK_M": 128}, 4, 3), ({"BLOCK_M": 64}, 8, 3)], ({"BLOCK_M": 16}, 4),
-                                  fp32_config=({"BLOCK_M": 32}, 4, 2))
+        cands = _candidates(_autotune)
         half = [c.kwargs["BLOCK_M"] for c in prune(cands, {"Q": half_q})]
         fp32 = [c.kwargs["BLOCK_M"] for c in prune(cands, {"Q": fp32_q})]
         if (half, fp32) != ([128, 64], [32]):

@@ -68,15 +68,19 @@ def _open_long_request(server, body: dict) -> socket.socket:
     deadline = time.monotonic() + 60
     while True:
         sock = _open_request(server, body)
-        while _slot_state(server) != 429:
-            early = _answered_early(sock)
-            if early.startswith(b"HTTP/1.1 503") and time.monotonic() < deadline:
-                break
-            assert not early, f"the long request was answered before it held the slot: {early!r}"
-            assert time.monotonic() < deadline, "the long request never held the slot: not within 60 s"
-            time.sleep(0.2)
-        else:
-            return sock
+        try:
+            while _slot_state(server) != 429:
+                early = _answered_early(sock)
+                if early.startswith(b"HTTP/1.1 503") and time.monotonic() < deadline:
+                    break
+                assert not early, f"the long request was answered before it held the slot: {early!r}"
+                assert time.monotonic() < deadline, "the long request never held the slot: not within 60 s"
+                time.sleep(0.2)
+            else:
+                return sock
+        except BaseException:
+            sock.close()  # a failed wait leaves no socket open for the next test's server
+            raise
         sock.close()
         time.sleep(1.0)
 
