@@ -9,6 +9,7 @@ import importlib
 BENCHES = {
     "attention": ("cxrfm.bench.attention", "main", "attention kernels: ours vs SDPA / flash-attn / xformers"),
     "data": ("cxrfm.bench.data", "main", "data path: Ray Data vs webdataset + DataLoader, samples/s and data wait"),
+    "diffusion": ("cxrfm.bench.diffusion", "main", "diffusion decoder step per attention head size: ms vs the default"),
     "loss": ("cxrfm.bench.loss", "main", "fused linear + cross-entropy vs unfused: peak memory and time"),
     "serve": ("cxrfm.bench.serve", "main", "Ray Serve: batched vs max_batch_size=1 latency/throughput, autoscaling"),
     "train": ("cxrfm.bench.train", "main", "training step per attention backend, fused kernels on/off: tokens/s, MFU"),

@@ -87,6 +87,8 @@ class DiffusionConfig(_Section):
     # UNet
     block_out_channels: list[int] = Field(default_factory=lambda: [32, 64])
     layers_per_block: int = Field(1, ge=1)
+    # Heads of few channels are slow: attention kernels pay per head, so at the same FLOPs 4 heads of 8
+    # channels cost ~4x one head of 32 on CPU (`cxrfm bench diffusion`); the tiny jobs set 32.
     attention_head_dim: int = Field(8, ge=1, description="channels per attention head (unet and dit)")
     # DiT (PixArt-style transformer: patchify, adaLN-single timestep, cross-attention to the text)
     dit_hidden_size: int = Field(64, ge=8)
