@@ -2,7 +2,7 @@
 beats the baselines that need no model: the most-frequent report (clinical micro-F1-14), the majority VQA
 answer, and on closed (yes/no-style) questions the majority answer of those, i.e. it answers them from the
 image rather than from the answer prior. (Grounding needs more steps than a CI run can give: after 300 steps it is still below the mean
-training box; jobs/tiny-learn.yaml's 3,600 steps beat it, see the README.)
+training box; jobs/tiny-learn.yaml's 4,800 steps beat it, see the README.)
 
 The full bar (every baseline, all four tasks, <= 30 min on 2 cores) is measured by running jobs/tiny-learn.yaml
 itself; its table is in the README. This version drops the diffusion decoder and trains fewer steps so that
