@@ -52,8 +52,7 @@ def _decoders(args, head_dims: list[int], device) -> tuple[dict, object]:
 
 def _step_ms(dec, images, cond, mask, seed: int) -> float:
     dec.zero_grad(set_to_none=True)
-    if cond.grad is not None:
-        cond.grad = None
+    cond.grad = None
     sync = torch.cuda.synchronize if images.is_cuda else (lambda: None)
     sync()
     t = time.perf_counter()
