@@ -82,6 +82,10 @@ class TrainConfig(_Section):
     lr: float = Field(2e-3, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(20, ge=0)
+    # Share of the steps after warmup over which the lr decays (cosine, to min_lr_ratio * lr); before that it
+    # holds at lr. 1.0 is plain warmup + cosine; e.g. 0.2 is warmup-stable-decay (WSD, as in MiniCPM and
+    # torchtitan's decay_ratio), which keeps the peak lr for 80% of the run and anneals in the last 20%.
+    decay_fraction: float = Field(1.0, gt=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     clip_grad: float = Field(1.0, ge=0)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"

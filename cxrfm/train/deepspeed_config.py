@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from cxrfm.config import Config
+from cxrfm.config import Config, TrainConfig
 
 
 def deepspeed_config(cfg: Config) -> dict:
@@ -52,13 +52,16 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps."""
-    tr = cfg.train
+    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps (see `lr_factor`)."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.train, step))
 
-    def factor(step: int) -> float:
-        if step < tr.warmup_steps:
-            return (step + 1) / tr.warmup_steps
-        progress = min(1.0, (step - tr.warmup_steps) / max(1, tr.max_steps - tr.warmup_steps))
-        return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def lr_factor(tr: TrainConfig, step: int) -> float:
+    """The lr multiplier at `step`: linear warmup over warmup_steps, then hold at 1 until the last
+    decay_fraction of the remaining steps, which decay by a half cosine to min_lr_ratio at max_steps."""
+    if step < tr.warmup_steps:
+        return (step + 1) / tr.warmup_steps
+    after_warmup = max(1, tr.max_steps - tr.warmup_steps)
+    decay_steps = max(1, round(tr.decay_fraction * after_warmup))
+    progress = min(1.0, max(0.0, (step - tr.max_steps + decay_steps) / decay_steps))  # 0 until the decay starts
+    return tr.min_lr_ratio + (1 - tr.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))

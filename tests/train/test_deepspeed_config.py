@@ -85,3 +85,44 @@ def test_precision_and_clipping(precision, bf16, fp16):
     assert ds["bf16"] == {"enabled": bf16} and ds["fp16"] == {"enabled": fp16}
     assert ds["gradient_clipping"] == 0.5
     assert DeepSpeedConfig(ds).gradient_clipping == 0.5
+
+
+def _lrs(*overrides: str, steps: int) -> list[float]:
+    """The lr the real LambdaLR gives at each step, stepped as the training loop steps it."""
+    import torch
+
+    from cxrfm.train.deepspeed_config import make_scheduler
+
+    cfg = load_config(None, [f"train.max_steps={steps}", "train.lr=1.0", *overrides])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
+    sched = make_scheduler(cfg, opt)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_default_schedule_is_warmup_then_cosine_over_the_rest():
+    lrs = _lrs("train.warmup_steps=10", "train.min_lr_ratio=0.1", steps=110)
+    assert lrs[:10] == pytest.approx([(i + 1) / 10 for i in range(10)])
+    assert lrs[10] == pytest.approx(1.0)
+    assert lrs[60] == pytest.approx(0.55)  # halfway through the cosine: (1 + 0.1) / 2
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))  # it decays from the first step after warmup
+    assert lrs[-1] == pytest.approx(0.1, abs=1e-3)
+
+
+def test_decay_fraction_holds_the_peak_then_anneals_to_the_same_floor():
+    lrs = _lrs("train.warmup_steps=10", "train.min_lr_ratio=0.1", "train.decay_fraction=0.2", steps=110)
+    # 100 steps after warmup: 80 at the peak, then 20 of half-cosine down to min_lr_ratio.
+    assert lrs[10:90] == pytest.approx([1.0] * 80)
+    assert lrs[100] == pytest.approx(0.55)
+    assert all(a > b for a, b in zip(lrs[90:], lrs[91:]))
+    assert lrs[-1] == pytest.approx(0.1, abs=0.01)
+
+
+@pytest.mark.parametrize("bad", ["0", "1.5", "-0.2"])
+def test_decay_fraction_outside_0_1_is_refused_naming_the_key(bad):
+    with pytest.raises(ValueError, match="decay_fraction"):
+        load_config(None, [f"train.decay_fraction={bad}"])
