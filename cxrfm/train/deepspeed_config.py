@@ -52,7 +52,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
 
 
 def make_scheduler(cfg: Config, optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup, then cosine decay to min_lr_ratio * lr at max_steps (see `lr_factor`)."""
+    """The lr schedule of a run: warmup, an optional hold at the peak, cosine decay (see `lr_factor`)."""
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(cfg.train, step))
 
 

@@ -7,10 +7,11 @@ gets, and DeepSpeed's own config parser reads back the same ZeRO stage, offload 
 from __future__ import annotations
 
 import pytest
+import torch
 from deepspeed.runtime.config import DeepSpeedConfig
 
 from cxrfm.config import load_config
-from cxrfm.train.deepspeed_config import deepspeed_config
+from cxrfm.train.deepspeed_config import deepspeed_config, make_scheduler
 
 GPU = ["train.use_gpu=true", "train.precision=bf16"]  # offload is only allowed with GPUs
 
@@ -89,10 +90,6 @@ def test_precision_and_clipping(precision, bf16, fp16):
 
 def _lrs(*overrides: str, steps: int) -> list[float]:
     """The lr the real LambdaLR gives at each step, stepped as the training loop steps it."""
-    import torch
-
-    from cxrfm.train.deepspeed_config import make_scheduler
-
     cfg = load_config(None, [f"train.max_steps={steps}", "train.lr=1.0", *overrides])
     opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.train.lr)
     sched = make_scheduler(cfg, opt)
